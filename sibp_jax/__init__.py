@@ -1,0 +1,49 @@
+"""sibp_jax: semi-implicit back propagation for Flax, as optax transformations."""
+
+from sibp_jax import linen
+from sibp_jax import nnx
+from sibp_jax._src.alias import proxbp
+from sibp_jax._src.alias import sibp
+from sibp_jax._src.problems import Dense
+from sibp_jax._src.problems import LayerProblem
+from sibp_jax._src.problems import Problems
+from sibp_jax._src.problems import Segment
+from sibp_jax._src.solvers import ConjugateGradient
+from sibp_jax._src.solvers import NonlinearCG
+from sibp_jax._src.solvers import Ridge
+from sibp_jax._src.solvers import RidgeProblem
+from sibp_jax._src.solvers import SolveInfo
+from sibp_jax._src.sweep import backward_sweep
+from sibp_jax._src.transform import ScaleByProxBPState
+from sibp_jax._src.transform import ScaleBySIBPState
+from sibp_jax._src.transform import SIBPInfo
+from sibp_jax._src.transform import SkipOnBadStepState
+from sibp_jax._src.transform import scale_by_proxbp
+from sibp_jax._src.transform import scale_by_sibp
+from sibp_jax._src.transform import skip_outer_on_bad_step
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'ConjugateGradient',
+    'Dense',
+    'LayerProblem',
+    'NonlinearCG',
+    'Problems',
+    'Ridge',
+    'RidgeProblem',
+    'SIBPInfo',
+    'ScaleByProxBPState',
+    'ScaleBySIBPState',
+    'Segment',
+    'SkipOnBadStepState',
+    'SolveInfo',
+    'backward_sweep',
+    'linen',
+    'nnx',
+    'proxbp',
+    'scale_by_proxbp',
+    'scale_by_sibp',
+    'sibp',
+    'skip_outer_on_bad_step',
+)

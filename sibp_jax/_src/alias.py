@@ -1,0 +1,128 @@
+"""The optimizers users call: SIBP and ProxBP with their usual outer steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from sibp_jax._src import transform
+
+
+def sibp(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    variant: str = 'linearized',
+    lambda_w: jax.typing.ArrayLike = 1.0,
+    lambda_b: jax.typing.ArrayLike = 1.0,
+    solver: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Semi-implicit back propagation (Liu & Zhang, 2020) as an optimizer.
+
+  One step moves the output neurons by ``t_L = z - η e`` and sweeps down the
+  layers, fitting each layer's parameters to its moved neurons by a proximal
+  step and moving the neurons below:
+
+  .. math::
+
+     θ_i \leftarrow \arg\min_θ \|s_i(A_i(f_{i-1}; θ)) - t_i\|^2
+        + λ_W\|W - W_i\|^2 + λ_b\|b - b_i\|^2 ,\qquad
+     t_{i-1} = f_{i-1} - η\, e_{i-1}.
+
+  The new parameters are the update (there is no outer optimizer):
+  ``sibp`` is ``scale_by_sibp`` followed by ``scale_by_learning_rate``.
+  Parameters that no recognised linear layer owns take a plain gradient step
+  of size ``learning_rate``. See :func:`scale_by_sibp` for the variants and
+  solvers.
+
+  Args:
+    learning_rate: ``η``, the step on the neurons (> 0, a scalar or a
+      schedule). The paper's setting is 0.1; implicit steps stay stable at
+      much larger values than SGD's.
+    variant: ``'linearized'`` (default; exact ridge solves) or ``'paper'``
+      (the authors' fit through the activation by nonlinear CG).
+    lambda_w: ``λ_W`` (> 0; absolute, with the data term summed over the
+      batch; default 1).
+    lambda_b: ``λ_b`` (> 0; default 1).
+    solver: see :func:`scale_by_sibp`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and the keyword ``problems`` from ``value_grad_and_problems``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sibp_jax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)),
+    ...                        nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(model, sibp_jax.sibp(0.1), wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+    ...       model, x, y,
+    ...       loss_fn=optax.softmax_cross_entropy_with_integer_labels)
+    ...   optimizer.update(model, grads, problems=problems)
+    ...   return loss
+    >>> x, y = jnp.ones((16, 4)), jnp.zeros((16,), jnp.int32)
+    >>> first = train_step(model, optimizer, x, y)
+    >>> bool(train_step(model, optimizer, x, y) < first)
+    True
+
+  References:
+    Liu & Zhang, `Semi-Implicit Back Propagation
+    <https://arxiv.org/abs/2002.03516>`_, 2020.
+  """
+  return optax.chain(
+      transform.scale_by_sibp(learning_rate, variant=variant,
+                              lambda_w=lambda_w, lambda_b=lambda_b,
+                              solver=solver),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def proxbp(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    tau_prox: jax.typing.ArrayLike = 0.05,
+    momentum: float | None = 0.95,
+    solver: Any = 'exact',
+    outer: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Proximal backpropagation (Frerix et al., 2018) with an outer optimizer.
+
+  :func:`scale_by_proxbp`'s direction ``X_old - X_new`` is handed to
+  ``outer``, by default Nesterov SGD with ``learning_rate`` and ``momentum``
+  (the authors' MLP setting: 1.0, 0.95, ``τ_prox = 0.05``). On a step flagged
+  as not finite the update is zero and ``outer``'s momentum is left untouched.
+
+  Args:
+    learning_rate: the outer optimizer's learning rate (default 1.0); unused
+      when ``outer`` is given.
+    tau_prox: ``τ_prox`` (> 0; default 0.05).
+    momentum: Nesterov momentum of the default outer optimizer (default 0.95;
+      ``None`` for plain SGD); unused when ``outer`` is given.
+    solver: ``'exact'``, ``'cg'``, :class:`sibp_jax.Ridge` or
+      :class:`sibp_jax.ConjugateGradient` (``ConjugateGradient(3)`` is
+      "prox_cg3").
+    outer: any optax transformation to use instead, e.g. ``optax.adam(1e-3)``
+      as for the authors' ConvNet.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and the keyword ``problems``.
+
+  Example:
+    >>> import optax, sibp_jax
+    >>> tx = sibp_jax.proxbp(1.0, tau_prox=0.05)
+    >>> tx_adam = sibp_jax.proxbp(tau_prox=1.0, outer=optax.adam(1e-3))
+
+  References:
+    Frerix, Möllenhoff, Moeller & Cremers, `Proximal Backpropagation
+    <https://arxiv.org/abs/1706.04638>`_, ICLR 2018.
+  """
+  if outer is None:
+    transform.check_positive('learning_rate', learning_rate)
+    outer = optax.sgd(learning_rate, momentum=momentum,
+                      nesterov=momentum is not None)
+  return transform.skip_outer_on_bad_step(
+      transform.scale_by_proxbp(tau_prox, solver=solver), outer)

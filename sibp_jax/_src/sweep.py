@@ -1,0 +1,199 @@
+"""The backward sweep shared by SIBP (both variants) and ProxBP.
+
+The sweep walks the layers from the output down. At layer ``i`` it holds the
+error ``e_f`` on the layer's activation ``f_i`` (on the logits ``z`` at the
+top, where ``e_f = e = ∂ℓ/∂z`` per example), pulls it back through the
+parameter-free segment at the forward-pass point, ``e_g = s_i'(g_i)ᵀ e_f``,
+asks the algorithm's :class:`Rule` for the layer's new parameters, and chains
+the error to the layer's input through the rule's choice of weights::
+
+    e_f ← A_iᵀ(e_g; θ_chain)          (Dense: e_g W_chainᵀ)
+
+The algorithms differ only in the rule:
+
+============  ==========================================  ==============
+rule          subproblem                                  chain through
+============  ==========================================  ==============
+linearized    ridge fit of ``u = g - η e_g`` (exact/CG)   new weights
+paper         fit ``s(A(f; θ)) ≈ t = f_i - η e_f``,        new weights
+              weights then bias (nonlinear CG; the last
+              layer, which is linear, exactly)
+proxbp        ridge fit of ``τ = g - e_g / B``,           old weights
+              ``Λ = 1/τ_prox`` (exact/CG)                 (backprop)
+============  ==========================================  ==============
+
+Everything runs in float32 (or the parameters' dtype if wider); the caller
+casts the result back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sibp_jax._src import problems as problems_lib
+from sibp_jax._src import solvers
+
+
+class LayerUpdate(NamedTuple):
+  kernel: jax.Array
+  bias: jax.Array | None
+  info: solvers.SolveInfo
+
+
+def _sum_info(*infos):
+  return solvers.SolveInfo(sum(i.iterations for i in infos),
+                           jnp.max(jnp.stack([i.residual for i in infos])))
+
+
+def _add(x, dx):
+  return x if dx is None else x + dx
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizedRule:
+  """SIBP with exact solves (SIBP.md section 2).
+
+  ``u - g = -η e_g``; ``X_new = X_old + (FᵀF + Λ)⁻¹ Fᵀ (u - g)`` with
+  ``Λ = diag(λ_W, …, λ_W, λ_b)``; the error chains through the new weights.
+  """
+
+  learning_rate: Any
+  lam_kernel: Any
+  lam_bias: Any
+  solver: Any
+  chain_new = True
+
+  def __call__(self, layer, kernel, bias, e_f, e_g):
+    del e_f
+    problem = solvers.RidgeProblem(
+        layer.kind, layer.inputs, -self.learning_rate * e_g, kernel.shape,
+        None if bias is None else bias.shape, self.lam_kernel, self.lam_bias)
+    (dk, db), info = self.solver.solve(problem)
+    return LayerUpdate(kernel + dk, _add(bias, db), info)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxRule:
+  """ProxBP (SIBP.md section 3).
+
+  ``τ - g = -δ = -e_g / B`` (the mean loss's backprop gradient, computed with
+  the old weights because the error chains through them), and
+  ``X_new = argmin ½‖F X - τ‖² + 1/(2τ_prox)‖X - X_old‖²``, i.e. the ridge
+  problem with ``Λ = I / τ_prox``.
+  """
+
+  tau_prox: Any
+  batch_size: int
+  solver: Any
+  chain_new = False
+
+  def __call__(self, layer, kernel, bias, e_f, e_g):
+    del e_f
+    lam = 1.0 / jnp.asarray(self.tau_prox, e_g.dtype)
+    problem = solvers.RidgeProblem(
+        layer.kind, layer.inputs, -e_g / self.batch_size, kernel.shape,
+        None if bias is None else bias.shape, lam, lam)
+    (dk, db), info = self.solver.solve(problem)
+    return LayerUpdate(kernel + dk, _add(bias, db), info)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRule:
+  """SIBP as its authors run it (SIBP.md section 1).
+
+  The target on the layer's activation is ``t = f_i - η e_f``. Weights are
+  solved first with the bias held at its old value, then the bias with the
+  new weights::
+
+      W ← argmin_W ‖s(A(f; W, b)) - t‖² + λ_W ‖W - W_old‖²
+      b ← argmin_b ‖s(A(f; W_new, b)) - t‖² + λ_b ‖b - b_old‖²
+
+  The last layer has no segment, so both are ridge problems, solved exactly
+  by ``last_solver`` (which also sidesteps the reference code's slip of
+  leaving the bias out of its first last-layer gradient). Hidden layers are
+  fitted through the segment by ``inner`` (:class:`NonlinearCG`), one line
+  search for the whole layer: the segment is an arbitrary parameter-free
+  function (pooling and flatten mix positions), so separability over output
+  units is not assumed.
+  """
+
+  learning_rate: Any
+  lam_kernel: Any
+  lam_bias: Any
+  inner: Any
+  last_solver: Any
+  chain_new = True
+
+  def __call__(self, layer, kernel, bias, e_f, e_g):
+    del e_g
+    eta = self.learning_rate
+    if layer.segment is None:
+      residual = -eta * e_f
+      (dk, _), info_k = self.last_solver.solve(solvers.RidgeProblem(
+          layer.kind, layer.inputs, residual, kernel.shape, None,
+          self.lam_kernel, self.lam_bias))
+      kernel = kernel + dk
+      if bias is None:
+        return LayerUpdate(kernel, None, info_k)
+      residual = residual - layer.kind.apply(dk, None, layer.inputs)
+      (_, db), info_b = self.last_solver.solve(solvers.RidgeProblem(
+          layer.kind, layer.inputs, residual, None, bias.shape,
+          self.lam_kernel, self.lam_bias))
+      return LayerUpdate(kernel, bias + db, _sum_info(info_k, info_b))
+
+    activation = layer.segment(layer.outputs)
+    target = activation - eta * e_f.astype(activation.dtype)
+
+    def misfit(k, b):
+      fit = layer.segment(layer.kind.apply(k, b, layer.inputs)) - target
+      return jnp.vdot(fit, fit)
+
+    old_kernel = kernel
+    kernel, info_k = self.inner.minimize(
+        lambda k: misfit(k, bias) + self.lam_kernel * jnp.vdot(
+            k - old_kernel, k - old_kernel), kernel)
+    if bias is None:
+      return LayerUpdate(kernel, None, info_k)
+    old_bias = bias
+    bias, info_b = self.inner.minimize(
+        lambda b: misfit(kernel, b) + self.lam_bias * jnp.vdot(
+            b - old_bias, b - old_bias), bias)
+    return LayerUpdate(kernel, bias, _sum_info(info_k, info_b))
+
+
+def backward_sweep(problems: problems_lib.Problems, params, rule):
+  """Runs the semi-implicit backward sweep.
+
+  Args:
+    problems: the layers and output error from one forward pass.
+    params: ``(kernel, bias)`` per layer, input to output, in the compute
+      dtype (``bias`` is ``None`` for a layer without one).
+    rule: a :class:`LinearizedRule`, :class:`PaperRule` or :class:`ProxRule`.
+
+  Returns:
+    A list of :class:`LayerUpdate`, input to output.
+  """
+  layers = problems.layers
+  e_f = problems.output_error
+  updates = [None] * len(layers)
+  for i in reversed(range(len(layers))):
+    layer = layers[i]
+    kernel, bias = params[i]
+    dtype = kernel.dtype
+    layer = dataclasses.replace(layer, inputs=layer.inputs.astype(dtype),
+                                outputs=layer.outputs.astype(dtype))
+    e_f = e_f.astype(dtype)
+    e_g = e_f if layer.segment is None else layer.segment.vjp(
+        layer.outputs, e_f).astype(dtype)
+    updates[i] = rule(layer, kernel, bias, e_f, e_g)
+    if i:
+      chain_kernel = updates[i].kernel if rule.chain_new else kernel
+      _, pullback = jax.vjp(
+          lambda f, k=chain_kernel, kind=layer.kind: kind.apply(k, None, f),
+          layer.inputs)
+      e_f = pullback(e_g)[0]
+  return updates
