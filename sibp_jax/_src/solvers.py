@@ -111,6 +111,11 @@ class RidgeProblem:
     return jnp.sqrt(_tree_vdot(diff, diff))
 
 
+jax.tree_util.register_dataclass(
+    RidgeProblem, data_fields=['inputs', 'residual', 'lam_kernel', 'lam_bias'],
+    meta_fields=['kind', 'kernel_shape', 'bias_shape'])
+
+
 @dataclasses.dataclass(frozen=True)
 class Ridge:
   """Exact ridge solve from the layer's explicit design matrix.
@@ -238,7 +243,7 @@ class NonlinearCG:
   ``d = -∇φ + β d_prev`` with ``β = ‖∇φ‖² / ‖∇φ_prev‖²`` (reset to ``-∇φ``
   when it is not a descent direction), a first trial step ``α₀`` chosen so
   that the predicted decrease ``-α₀ ∇φ·d`` is ``initial_decrease`` times
-  ``φ(x)``, and accepts the first ``α = α₀ ρʲ``, ``j = 0, 1, …,
+  ``|φ(x)|`` (the rule presumes a least-squares objective, ``φ ≥ 0``), and accepts the first ``α = α₀ ρʲ``, ``j = 0, 1, …,
   max_shrinks`` with ``φ(x + α d) ≤ φ(x) + σ α ∇φ·d``. If none is accepted the
   point is kept, so the objective never increases.
 
@@ -292,7 +297,7 @@ class NonlinearCG:
       slope = jnp.where(descent, slope, -gg)
       # slope == 0 only at a stationary point (or with f == 0 at its
       # minimum): then α₀ = 0 and the point stays.
-      alpha0 = jnp.where(slope < 0, self.initial_decrease * f /
+      alpha0 = jnp.where(slope < 0, self.initial_decrease * jnp.abs(f) /
                          jnp.where(slope < 0, -slope, 1.0), 0.0)
 
       def untried(c):

@@ -1,0 +1,332 @@
+"""The Flax adapters: what they record, nnx and linen agreeing, and errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sibp_jax
+from _models import MLP, LinenMLP, TRANSFORMS, classification, pure
+from _models import step_inputs, xent
+
+
+def test_records_inputs_outputs_and_paths():
+  model = MLP((6, 8, 5, 3))
+  x, y = classification()
+  loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=xent)
+  assert [l.kernel_path for l in problems.layers] == [
+      ('layers', i, 'kernel') for i in range(3)]
+  f = x
+  for layer, linear in zip(problems.layers, model.layers):
+    g = f @ linear.kernel[...] + linear.bias[...]
+    chex.assert_trees_all_close((layer.inputs, layer.outputs), (f, g),
+                                rtol=1e-5, atol=1e-6)
+    if layer.segment is not None:
+      chex.assert_trees_all_close(layer.segment(g), jax.nn.relu(g))
+    f = jax.nn.relu(g)
+  logits = model(x)
+  expected_error = jax.nn.softmax(logits) - jax.nn.one_hot(y, 3)
+  chex.assert_trees_all_close(problems.output_error, expected_error,
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(loss, xent(logits, y).mean(), rtol=1e-6)
+  expected_grads = nnx.grad(lambda m: xent(m(x), y).mean())(model)
+  chex.assert_trees_all_close(pure(grads), pure(expected_grads), rtol=1e-5,
+                              atol=1e-7)
+  assert problems.layers[-1].segment is None
+
+
+def test_segment_vjp_is_relu_derivative():
+  model = MLP((6, 8, 3))
+  _, _, problems = step_inputs(model, *classification())
+  layer = problems.layers[0]
+  ct = jnp.ones_like(layer.outputs)
+  chex.assert_trees_all_close(layer.segment.vjp(layer.outputs, ct),
+                              (layer.outputs > 0).astype(jnp.float32))
+
+
+def test_sequential_and_other_activations_with_flatten():
+  class Flat(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(12, 7, rngs=nnx.Rngs(0))
+      self.b = nnx.Linear(7, 3, use_bias=False, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      h = jnp.tanh(self.a(x.reshape(x.shape[0], -1)))
+      return self.b(h.reshape(h.shape[0], -1))
+
+  model = Flat()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(9, 3, 4)),
+                  jnp.float32)
+  y = jnp.zeros((9,), jnp.int32)
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=xent)
+  assert problems.layers[1].bias_path is None
+  g = problems.layers[0].outputs
+  chex.assert_trees_all_close(problems.layers[0].segment(g), jnp.tanh(g),
+                              rtol=1e-6)
+  for name in ('sibp_linearized', 'sibp_paper', 'proxbp_exact'):
+    tx = TRANSFORMS[name]()
+    params = pure(nnx.state(model, nnx.Param))
+    updates, state = tx.update(pure(grads), tx.init(params), params,
+                               problems=problems)
+    chex.assert_tree_all_finite(updates)
+
+
+def _linen_params_from(model):
+  return {
+      f'dense_{i}': {'kernel': l.kernel[...], 'bias': l.bias[...]}
+      for i, l in enumerate(model.layers[:-1])} | {
+          'out': {'kernel': model.layers[-1].kernel[...],
+                  'bias': model.layers[-1].bias[...]}}
+
+
+@pytest.mark.parametrize('name', sorted(TRANSFORMS))
+def test_nnx_and_linen_give_the_same_update(name):
+  sizes = (6, 8, 5, 3)
+  model = MLP(sizes, seed=3)
+  x, y = classification(seed=3)
+  module = LinenMLP(sizes)
+  lparams = _linen_params_from(model)
+
+  tx = TRANSFORMS[name]()
+  grads, params, problems = step_inputs(model, x, y)
+  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
+
+  ltx = TRANSFORMS[name]()
+  lloss, lgrads, lproblems = sibp_jax.linen.value_grad_and_problems(
+      module, lparams, x, y, loss_fn=xent)
+  lupdates, _ = ltx.update(lgrads, ltx.init(lparams), lparams,
+                           problems=lproblems)
+  for i in range(3):
+    key = 'out' if i == 2 else f'dense_{i}'
+    for leaf in ('kernel', 'bias'):
+      np.testing.assert_allclose(lupdates[key][leaf],
+                                 updates['layers'][i][leaf],
+                                 rtol=1e-5, atol=1e-6)
+
+
+def test_linen_accepts_variables_and_train_state():
+  sizes = (6, 8, 3)
+  module = LinenMLP(sizes)
+  x, y = classification()
+  variables = module.init(jax.random.key(0), x)
+  tx = sibp_jax.sibp(0.1)
+  _, grads, problems = sibp_jax.linen.value_grad_and_problems(
+      module, variables, x, y, loss_fn=xent)
+  assert problems.layers[0].kernel_path == ('params', 'dense_0', 'kernel')
+  u1, _ = tx.update(grads, tx.init(variables), variables, problems=problems)
+
+  state = sibp_jax.linen.TrainState.create(
+      apply_fn=module.apply, params=variables['params'], tx=tx)
+
+  @jax.jit
+  def step(state, x, y):
+    loss, grads, problems = sibp_jax.linen.value_grad_and_problems(
+        module, state.params, x, y, loss_fn=xent)
+    return state.apply_gradients(grads=grads, problems=problems), loss
+
+  new_state, _ = step(state, x, y)
+  assert int(new_state.step) == 1
+  moved = jax.tree.map(jnp.subtract, new_state.params, state.params)
+  chex.assert_trees_all_close(moved, u1['params'], rtol=1e-5, atol=1e-7)
+  losses = []
+  for _ in range(10):
+    new_state, loss = step(new_state, x, y)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+
+
+class Residual(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+    self.b = nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.b(x + jax.nn.relu(self.a(x)))
+
+
+class Twice(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+    self.b = nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.b(jax.nn.relu(self.a(jax.nn.relu(self.a(x)))))
+
+
+class SoftmaxAfter(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    return jax.nn.log_softmax(self.a(x))
+
+
+class Branches(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+    self.b = nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    self.a(x)  # computed, then ignored
+    return self.b(jnp.ones_like(x))
+
+
+class NoLinear(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.ones((6, 3)))
+
+  def __call__(self, x):
+    return x @ self.w[...]
+
+
+@pytest.mark.parametrize('model,match', [
+    (Residual(), "input of layer 'b' depends on the model input other than "
+                 "through layer 'a'"),
+    (Twice(), "'a' is applied more than once"),
+    (SoftmaxAfter(), "output must be the output of its last linear layer"),
+    (Branches(), "does not depend on the output of layer 'a'"),
+    (NoLinear(), 'no recognised linear layer'),
+])
+def test_models_that_are_not_a_chain_are_rejected(model, match):
+  x, y = classification()
+  with pytest.raises(ValueError, match=match):
+    sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=xent)
+
+
+def test_linen_residual_is_rejected():
+  class Res(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x + nn.relu(nn.Dense(6)(x)))
+
+  x, y = classification()
+  params = Res().init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match='residual connection'):
+    sibp_jax.linen.value_grad_and_problems(Res(), params, x, y, loss_fn=xent)
+
+
+@pytest.mark.parametrize('y,match', [
+    (jnp.zeros((31,), jnp.int32), r'labels y have shape \(31,\) but x has '
+                                  'batch 32'),
+    (jnp.zeros((), jnp.int32), 'labels y have shape'),
+])
+def test_label_shape_errors(y, match):
+  x, _ = classification()
+  with pytest.raises(ValueError, match=match):
+    sibp_jax.nnx.value_grad_and_problems(MLP((6, 8, 3)), x, y, loss_fn=xent)
+
+
+def test_loss_must_be_per_example():
+  x, y = classification()
+  with pytest.raises(ValueError, match='one loss per example'):
+    sibp_jax.nnx.value_grad_and_problems(
+        MLP((6, 8, 3)), x, y, loss_fn=lambda z, y: xent(z, y).mean())
+
+
+def test_empty_batch_is_an_error():
+  with pytest.raises(ValueError, match='empty batch'):
+    sibp_jax.nnx.value_grad_and_problems(
+        MLP((6, 8, 3)), jnp.zeros((0, 6)), jnp.zeros((0,), jnp.int32),
+        loss_fn=xent)
+
+
+def test_problems_from_another_model_are_rejected():
+  x, y = classification()
+  _, _, problems = step_inputs(MLP((6, 8, 3)), x, y)
+  other = MLP((6, 7, 3))
+  grads, params, _ = step_inputs(other, x, y)
+  tx = sibp_jax.sibp(0.1)
+  with pytest.raises(ValueError, match='layer layers/0.*another model'):
+    tx.update(grads, tx.init(params), params, problems=problems)
+
+  grads, params, _ = step_inputs(MLP((6, 8, 3)), x, y)
+  _, _, problems = step_inputs(_Renamed(), x, y)
+  with pytest.raises(ValueError, match="'first/kernel'.*not in params"):
+    tx.update(grads, tx.init(params), params, problems=problems)
+
+
+class _Renamed(nnx.Module):
+  def __init__(self):
+    self.first = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+    self.second = nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.second(jax.nn.relu(self.first(x)))
+
+
+def test_problems_must_be_problems():
+  x, y = classification()
+  grads, params, _ = step_inputs(MLP((6, 8, 3)), x, y)
+  tx = sibp_jax.sibp(0.1)
+  with pytest.raises(ValueError, match='sibp_jax.Problems'):
+    tx.update(grads, tx.init(params), params, problems={'layers': []})
+
+
+def test_unowned_parameters_get_the_gradient():
+  class Scaled(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+      self.b = nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+      self.gain = nnx.Param(jnp.full((8,), 1.5))
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)) * self.gain[...])
+
+  model = Scaled()
+  x, y = classification()
+  grads, params, problems = step_inputs(model, x, y)
+  direction, _ = sibp_jax.scale_by_proxbp().update(
+      grads, sibp_jax.scale_by_proxbp().init(params), params,
+      problems=problems)
+  chex.assert_trees_all_equal(direction['gain'], grads['gain'])
+  updates, _ = sibp_jax.sibp(0.3).update(
+      grads, sibp_jax.sibp(0.3).init(params), params, problems=problems)
+  chex.assert_trees_all_close(updates['gain'], -0.3 * grads['gain'],
+                              rtol=1e-6)
+  assert not np.allclose(updates['a']['kernel'], 0.0)
+
+
+def test_nnx_optimizer_and_apply_in_one_jit_match_eager():
+  model = MLP((6, 8, 3))
+  x, y = classification()
+  grads, params, problems = step_inputs(model, x, y)
+  tx = sibp_jax.sibp(0.1)
+  eager, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  opt = nnx.Optimizer(model, sibp_jax.sibp(0.1), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+        model, x, y, loss_fn=xent)
+    opt.update(model, grads, problems=problems)
+
+  step(model, opt, x, y)
+  moved = jax.tree.map(jnp.subtract, pure(nnx.state(model, nnx.Param)),
+                       params)
+  chex.assert_trees_all_close(moved, eager, rtol=1e-5, atol=1e-7)
+
+
+def test_does_not_leave_linear_patched():
+  call = nnx.Linear.__call__
+  step_inputs(MLP((6, 8, 3)), *classification())
+  assert nnx.Linear.__call__ is call
+  with pytest.raises(ValueError):
+    sibp_jax.nnx.value_grad_and_problems(Twice(), *classification(),
+                                         loss_fn=xent)
+  assert nnx.Linear.__call__ is call
+
+
+def test_optax_only_uses_are_unaffected():
+  """Plain optax use of an nnx model is not intercepted."""
+  model = MLP((6, 8, 3))
+  x, y = classification()
+  opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  grads = nnx.grad(lambda m: xent(m(x), y).mean())(model)
+  opt.update(model, grads)
+  chex.assert_tree_all_finite(pure(nnx.state(model)))

@@ -1,0 +1,196 @@
+"""Solvers against closed forms, each other, and their own guarantees."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sibp_jax
+
+# float32 solves of systems with condition number up to ~1e3 (λ = 0.5..2,
+# ‖F‖² ~ rows·cols): a relative residual of 1e-4 is ~1000 ulps, tight enough
+# to catch a wrong formula (which gives O(1)) and loose enough for round-off.
+RTOL = 1e-4
+
+
+def _problem(rows, cols, d_out, seed=0, kernel=True, bias=True,
+             lam_kernel=1.0, lam_bias=0.5):
+  rng = np.random.default_rng(seed)
+  f = jnp.asarray(rng.normal(size=(rows, cols)), jnp.float32)
+  r = jnp.asarray(rng.normal(size=(rows, d_out)), jnp.float32)
+  return sibp_jax.RidgeProblem(
+      sibp_jax.Dense(), f, r, (cols, d_out) if kernel else None,
+      (d_out,) if bias else None, jnp.float32(lam_kernel),
+      jnp.float32(lam_bias))
+
+
+def _closed_form(p):
+  """The ridge solution by NumPy in float64, from its normal equations."""
+  f = np.asarray(p.inputs, np.float64)
+  blocks, lam = [], []
+  if p.kernel_shape is not None:
+    blocks.append(f)
+    lam += [float(p.lam_kernel)] * f.shape[1]
+  if p.bias_shape is not None:
+    blocks.append(np.ones((f.shape[0], 1)))
+    lam += [float(p.lam_bias)]
+  design = np.concatenate(blocks, axis=1)
+  gram = design.T @ design + np.diag(lam)
+  x = np.linalg.solve(gram, design.T @ np.asarray(p.residual, np.float64))
+  return design, gram, x
+
+
+def _stack(delta):
+  dk, db = delta
+  parts = [] if dk is None else [np.asarray(dk)]
+  if db is not None:
+    parts.append(np.asarray(db)[None])
+  return np.concatenate(parts, axis=0)
+
+
+@pytest.mark.parametrize('method', ['cholesky', 'woodbury', 'auto'])
+@pytest.mark.parametrize('rows,cols', [(40, 7), (6, 15)])
+@pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
+                                         (False, True)])
+def test_ridge_satisfies_normal_equations(method, rows, cols, kernel, bias):
+  p = _problem(rows, cols, 3, kernel=kernel, bias=bias)
+  delta, info = jax.jit(sibp_jax.Ridge(method).solve)(p)
+  design, gram, expected = _closed_form(p)
+  x = _stack(delta)
+  rhs = design.T @ np.asarray(p.residual, np.float64)
+  residual = np.linalg.norm(gram @ x - rhs) / np.linalg.norm(rhs)
+  assert residual < RTOL, residual
+  np.testing.assert_allclose(x, expected, rtol=1e-3, atol=1e-5)
+  assert float(info.residual) < RTOL
+
+
+@pytest.mark.parametrize('rows,cols', [(40, 7), (6, 15), (12, 11)])
+def test_cholesky_and_woodbury_agree(rows, cols):
+  p = _problem(rows, cols, 4, seed=1)
+  a, _ = sibp_jax.Ridge('cholesky').solve(p)
+  b, _ = sibp_jax.Ridge('woodbury').solve(p)
+  chex.assert_trees_all_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_auto_picks_by_shape():
+  """Wide problems go to batch space: the factor there is rows × rows."""
+  wide = _problem(6, 15, 2)
+  hlo = jax.jit(sibp_jax.Ridge().solve).lower(wide).as_text()
+  assert 'tensor<6x6xf32>' in hlo and 'tensor<16x16xf32>' not in hlo
+  tall = _problem(40, 7, 2)
+  hlo = jax.jit(sibp_jax.Ridge().solve).lower(tall).as_text()
+  assert 'tensor<8x8xf32>' in hlo and 'tensor<40x40xf32>' not in hlo
+
+
+@pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
+                                         (False, True)])
+def test_cg_with_enough_steps_reaches_exact(kernel, bias):
+  # Unknowns per output column: cols (+1); CG in exact arithmetic needs at
+  # most that many steps; a few more absorb float32 round-off.
+  p = _problem(30, 6, 3, seed=2, kernel=kernel, bias=bias)
+  exact, _ = sibp_jax.Ridge().solve(p)
+  approx, info = jax.jit(sibp_jax.ConjugateGradient(12).solve)(p)
+  chex.assert_trees_all_close(approx, exact, rtol=1e-3, atol=1e-5)
+  assert float(info.residual) < 1e-3
+  assert int(info.iterations) == 12
+
+
+def test_cg_few_steps_is_partial_and_reports_it():
+  p = _problem(30, 6, 3, seed=3, lam_kernel=0.01, lam_bias=0.01)
+  _, info1 = sibp_jax.ConjugateGradient(1).solve(p)
+  _, info12 = sibp_jax.ConjugateGradient(12).solve(p)
+  assert float(info1.residual) > 10 * float(info12.residual)
+
+
+def test_cg_zero_rhs_stays_zero():
+  p = _problem(10, 4, 2)
+  p = sibp_jax.RidgeProblem(p.kind, p.inputs, jnp.zeros_like(p.residual),
+                            p.kernel_shape, p.bias_shape, p.lam_kernel,
+                            p.lam_bias)
+  delta, info = sibp_jax.ConjugateGradient(3).solve(p)
+  chex.assert_tree_all_finite(delta)
+  assert float(jnp.abs(_stack(delta)).max()) == 0.0
+  assert float(info.residual) == 0.0
+
+
+def _relu_fit(seed):
+  rng = np.random.default_rng(seed)
+  f = jnp.asarray(rng.normal(size=(20, 5)), jnp.float32)
+  t = jnp.asarray(np.maximum(rng.normal(size=(20, 4)), 0), jnp.float32)
+  w0 = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+
+  def objective(w):
+    fit = jax.nn.relu(f @ w) - t
+    return jnp.vdot(fit, fit) + 0.5 * jnp.vdot(w - w0, w - w0)
+  return objective, w0
+
+
+@pytest.mark.parametrize('seed', range(5))
+@pytest.mark.parametrize('iterations', [1, 5])
+def test_nonlinear_cg_never_increases_objective(seed, iterations):
+  objective, w0 = _relu_fit(seed)
+  solver = sibp_jax.NonlinearCG(iterations=iterations)
+  w, info = jax.jit(solver.minimize, static_argnums=0)(objective, w0)
+  assert float(objective(w)) < float(objective(w0))
+  # The iterates' objective is monotone: each prefix of the run ends no
+  # higher than the one before it.
+  values = [float(objective(sibp_jax.NonlinearCG(iterations=k).minimize(
+      objective, w0)[0])) for k in range(1, iterations + 1)]
+  assert all(b <= a for a, b in zip(values, values[1:])), values
+  assert int(info.iterations) >= 1 + iterations
+
+
+def test_nonlinear_cg_keeps_point_when_no_step_is_accepted():
+  """With no shrinks allowed and a first step far too long, nothing moves."""
+  objective, w0 = _relu_fit(0)
+  solver = sibp_jax.NonlinearCG(iterations=3, max_shrinks=0,
+                                initial_decrease=1e6)
+  w, _ = solver.minimize(objective, w0)
+  chex.assert_trees_all_equal(w, w0)
+
+
+def test_nonlinear_cg_stationary_start_stays():
+  solver = sibp_jax.NonlinearCG()
+  w0 = jnp.ones((3, 2))
+  w, info = solver.minimize(lambda w: jnp.vdot(w - 1.0, w - 1.0), w0)
+  chex.assert_trees_all_equal(w, w0)
+  assert float(info.residual) == 0.0
+
+
+def test_nonlinear_cg_converges_on_quadratic():
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+  objective = lambda x: jnp.sum((a @ x - b) ** 2) + jnp.sum(x ** 2)
+  solver = sibp_jax.NonlinearCG(iterations=200, initial_decrease=0.5)
+  x, info = solver.minimize(objective, jnp.zeros(8))
+  expected = jnp.linalg.solve(a.T @ a + jnp.eye(8), a.T @ b)
+  np.testing.assert_allclose(x, expected, rtol=1e-2, atol=1e-3)
+  assert float(info.residual) < 1e-2
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(iterations=0), dict(iterations=2.0), dict(shrink=1.0),
+    dict(shrink=0.0), dict(sufficient_decrease=1.5), dict(max_shrinks=-1),
+    dict(initial_decrease=0.0)])
+def test_nonlinear_cg_rejects_bad_settings(kwargs):
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    sibp_jax.NonlinearCG(**kwargs)
+
+
+def test_other_solvers_reject_bad_settings():
+  with pytest.raises(ValueError, match='iterations'):
+    sibp_jax.ConjugateGradient(0)
+  with pytest.raises(ValueError, match='method'):
+    sibp_jax.Ridge('qr')
+
+
+def test_ridge_vmaps_over_problems():
+  ps = [_problem(12, 5, 2, seed=s) for s in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+  batched, _ = jax.vmap(sibp_jax.Ridge().solve)(stacked)
+  for i, p in enumerate(ps):
+    single, _ = sibp_jax.Ridge().solve(p)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], batched), single,
+                                rtol=1e-5, atol=1e-6)
