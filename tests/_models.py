@@ -19,7 +19,9 @@ def mse(logits, targets):
 class MLP(nnx.Module):
   """Linear layers with ReLU between them."""
 
-  def __init__(self, sizes, *, seed=0, dtype=jnp.float32, use_bias=True):
+  def __init__(self, sizes, *, seed=0, dtype=jnp.float32, use_bias=True,
+               activation=jax.nn.relu):
+    self.activation = activation
     rngs = nnx.Rngs(seed)
     self.layers = nnx.List([
         nnx.Linear(a, b, rngs=rngs, param_dtype=dtype, dtype=dtype,
@@ -28,7 +30,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     for layer in self.layers[:-1]:
-      x = jax.nn.relu(layer(x))
+      x = self.activation(layer(x))
     return self.layers[-1](x)
 
 

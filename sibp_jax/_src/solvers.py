@@ -37,9 +37,12 @@ class SolveInfo(NamedTuple):
   Attributes:
     iterations: iterations run (CG steps; for :class:`NonlinearCG`, objective
       evaluations including rejected line-search trials; 0 for exact solves).
-    residual: the norm of the subproblem's gradient at the returned point
-      divided by its norm at the old parameters (0 where both vanish). Exact
-      solves show their round-off here; inexact ones how far they got.
+    residual: relative residual, 0 where the problem is already solved at the
+      old parameters. :class:`Ridge`: ``‖M x - c‖ / ‖c‖`` of the system it
+      factored (``FᵀF + Λ`` or, in batch space, ``I + FΛ⁻¹Fᵀ``), i.e. its
+      round-off. :class:`ConjugateGradient`: the normal equations' residual
+      over its value at the old parameters. :class:`NonlinearCG`: the
+      gradient norm at the returned point over its value at the start.
   """
 
   iterations: jax.Array
@@ -169,8 +172,11 @@ class Ridge:
           scaled, f.T, precision=PRECISION)
       y = jsl.cho_solve(jsl.cho_factor(kernel, lower=True), r)
       x = jnp.matmul(scaled.T, y, precision=PRECISION)
-      fit = jnp.matmul(f, x, precision=PRECISION) - r
-      grad = jnp.matmul(f.T, fit, precision=PRECISION) + lam[:, None] * x
+      # Since x = Λ⁻¹Fᵀy exactly, the normal equations' residual is
+      # Fᵀ(K y - R): report the n × n system's own residual, which costs
+      # n²·d_out instead of two n·m·d_out products.
+      grad = jnp.matmul(kernel, y, precision=PRECISION) - r
+      rhs = r
     dk = db = None
     if fit_kernel:
       dk = x[:n_kernel].reshape(p.kernel_shape)
