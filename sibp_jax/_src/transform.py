@@ -268,7 +268,7 @@ def scale_by_sibp(
     >>> loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
     ...     model, x, y, loss_fn=optax.softmax_cross_entropy_with_integer_labels)
     >>> _ = opt.update(model, grads, problems=problems)
-    >>> bool(opt.opt_state[0].info.finite)
+    >>> bool(opt.opt_state[0].info.finite[...])
     True
 
   References:
