@@ -4,6 +4,7 @@ from sibp_jax import linen
 from sibp_jax import nnx
 from sibp_jax._src.alias import proxbp
 from sibp_jax._src.alias import sibp
+from sibp_jax._src.problems import Conv
 from sibp_jax._src.problems import Dense
 from sibp_jax._src.problems import LayerProblem
 from sibp_jax._src.problems import Problems
@@ -26,6 +27,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     'ConjugateGradient',
+    'Conv',
     'Dense',
     'LayerProblem',
     'NonlinearCG',

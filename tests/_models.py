@@ -34,6 +34,42 @@ class MLP(nnx.Module):
     return self.layers[-1](x)
 
 
+class ConvNet(nnx.Module):
+  """conv, ReLU, max-pool, strided conv, ReLU, flatten, dense (8×8 inputs)."""
+
+  def __init__(self, channels=2, out=3, *, seed=0, dtype=jnp.float32):
+    rngs = nnx.Rngs(seed)
+    kw = dict(rngs=rngs, param_dtype=dtype, dtype=dtype)
+    self.conv1 = nnx.Conv(channels, 4, (3, 3), padding='SAME', **kw)
+    self.conv2 = nnx.Conv(4, 5, (2, 2), strides=2, padding='VALID', **kw)
+    self.dense = nnx.Linear(5 * 2 * 2, out, **kw)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.conv1(x))
+    x = nnx.max_pool(x, (2, 2), (2, 2))
+    x = jax.nn.relu(self.conv2(x))
+    return self.dense(x.reshape(x.shape[0], -1))
+
+
+ARCHS = ('mlp', 'convnet')
+
+
+def arch_model(arch, out=3, *, hidden=8, seed=0, dtype=jnp.float32):
+  if arch == 'mlp':
+    return MLP((6, hidden, out), seed=seed, dtype=dtype)
+  return ConvNet(out=out, seed=seed, dtype=dtype)
+
+
+def arch_data(arch, task='classification', batch=32, seed=0, out=3):
+  make = classification if task == 'classification' else regression
+  if arch == 'mlp':
+    return make(batch=batch, d_in=6, seed=seed, **(
+        {'classes': out} if task == 'classification' else {'d_out': out}))
+  x, y = make(batch=batch, d_in=8 * 8 * 2, seed=seed, **(
+      {'classes': out} if task == 'classification' else {'d_out': out}))
+  return x.reshape(batch, 8, 8, 2), y
+
+
 class LinenMLP(nn.Module):
   sizes: tuple
 

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import sibp_jax
-from _models import MLP, TRANSFORMS, classification, find_info, mse, pure
-from _models import regression, step_inputs, xent
+from _models import ARCHS, MLP, TRANSFORMS, arch_data, arch_model, find_info
+from _models import mse, pure, step_inputs, xent
 
 NAMES = sorted(TRANSFORMS)
 
@@ -30,10 +30,11 @@ def _train(tx, model, x, y, loss_fn, steps):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_ignores_unknown_extra_args(name):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_ignores_unknown_extra_args(arch, name):
   tx = TRANSFORMS[name]()
-  model = MLP((6, 8, 3))
-  grads, params, problems = step_inputs(model, *classification())
+  model = arch_model(arch)
+  grads, params, problems = step_inputs(model, *arch_data(arch))
   state = tx.init(params)
   a, _ = tx.update(grads, state, params, problems=problems)
   b, _ = tx.update(grads, state, params, problems=problems, loss=1.0,
@@ -42,28 +43,31 @@ def test_ignores_unknown_extra_args(name):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_missing_problems_says_what_to_pass(name):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_missing_problems_says_what_to_pass(arch, name):
   tx = TRANSFORMS[name]()
-  model = MLP((6, 8, 3))
-  grads, params, _ = step_inputs(model, *classification())
+  model = arch_model(arch)
+  grads, params, _ = step_inputs(model, *arch_data(arch))
   with pytest.raises(ValueError, match='problems=.*value_grad_and_problems'):
     tx.update(grads, tx.init(params), params)
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_missing_params_is_an_error(name):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_missing_params_is_an_error(arch, name):
   tx = TRANSFORMS[name]()
-  model = MLP((6, 8, 3))
-  grads, params, problems = step_inputs(model, *classification())
+  model = arch_model(arch)
+  grads, params, problems = step_inputs(model, *arch_data(arch))
   with pytest.raises(ValueError, match='params'):
     tx.update(grads, tx.init(params), None, problems=problems)
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_second_jitted_step_does_not_recompile(name):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_second_jitted_step_does_not_recompile(arch, name):
   tx = TRANSFORMS[name]()
-  model = MLP((6, 8, 3))
-  x, y = classification()
+  model = arch_model(arch)
+  x, y = arch_data(arch)
   params = pure(nnx.state(model, nnx.Param))
   state = tx.init(params)
   chex.clear_trace_counter()
@@ -75,7 +79,7 @@ def test_second_jitted_step_does_not_recompile(name):
     return optax.apply_updates(params, updates), state
 
   for seed in range(3):
-    x, y = classification(seed=seed)
+    x, y = arch_data(arch, seed=seed)
     grads, _, problems = step_inputs(model, x, y)
     params, state = update(grads, state, params, problems)
     nnx.update(model, params)
@@ -83,8 +87,9 @@ def test_second_jitted_step_does_not_recompile(name):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_train_step_does_not_recompile(name):
-  model = MLP((6, 8, 3))
+@pytest.mark.parametrize('arch', ARCHS)
+def test_train_step_does_not_recompile(arch, name):
+  model = arch_model(arch)
   opt = nnx.Optimizer(model, TRANSFORMS[name](), wrt=nnx.Param)
   chex.clear_trace_counter()
 
@@ -97,7 +102,7 @@ def test_train_step_does_not_recompile(name):
     return loss
 
   for seed in range(3):
-    step(model, opt, *classification(seed=seed))
+    step(model, opt, *arch_data(arch, seed=seed))
 
 
 @pytest.mark.parametrize('factory,kwargs', [
@@ -105,11 +110,12 @@ def test_train_step_does_not_recompile(name):
     (sibp_jax.sibp, {'variant': 'paper'}),
     (sibp_jax.proxbp, {'tau_prox': 0.05}),
 ])
-def test_works_under_inject_hyperparams_with_schedule(factory, kwargs):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_works_under_inject_hyperparams_with_schedule(arch, factory, kwargs):
   schedule = optax.linear_schedule(0.2, 0.05, transition_steps=4)
   tx = optax.inject_hyperparams(factory)(learning_rate=schedule, **kwargs)
-  model = MLP((6, 8, 3))
-  x, y = classification()
+  model = arch_model(arch)
+  x, y = arch_data(arch)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   rates = []
 
@@ -132,7 +138,7 @@ def test_works_under_inject_hyperparams_with_schedule(factory, kwargs):
 def test_sibp_learning_rate_schedule_is_used_in_the_sweep():
   """A schedule equal to a constant gives the constant's update."""
   model = MLP((6, 8, 3))
-  grads, params, problems = step_inputs(model, *classification())
+  grads, params, problems = step_inputs(model, *arch_data("mlp"))
   results = []
   for lr in (0.3, optax.constant_schedule(0.3)):
     tx = sibp_jax.sibp(lr)
@@ -143,10 +149,11 @@ def test_sibp_learning_rate_schedule_is_used_in_the_sweep():
 
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_keeps_parameter_dtypes(name, dtype):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_keeps_parameter_dtypes(arch, name, dtype):
   tx = TRANSFORMS[name]()
-  model = MLP((6, 8, 3), dtype=dtype)
-  x, y = classification()
+  model = arch_model(arch, dtype=dtype)
+  x, y = arch_data(arch)
   grads, params, problems = step_inputs(model, x.astype(dtype), y)
   updates, state = tx.update(grads, tx.init(params), params,
                              problems=problems)
@@ -156,25 +163,30 @@ def test_keeps_parameter_dtypes(name, dtype):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_lowers_loss_on_classification(name):
-  x, y = classification(batch=64, seed=4)
-  losses, opt = _train(TRANSFORMS[name](), MLP((6, 16, 3)), x, y, xent, 25)
+@pytest.mark.parametrize('arch', ARCHS)
+def test_lowers_loss_on_classification(arch, name):
+  x, y = arch_data(arch, batch=64, seed=4)
+  losses, opt = _train(TRANSFORMS[name](), arch_model(arch, hidden=16), x, y,
+                       xent, 25)
   assert losses[-1] < 0.7 * losses[0], losses
   info = find_info(opt.opt_state)
   assert bool(info.finite)
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_lowers_loss_on_regression(name):
-  x, y = regression(batch=64, seed=5)
-  losses, _ = _train(TRANSFORMS[name](), MLP((6, 16, 2)), x, y, mse, 25)
+@pytest.mark.parametrize('arch', ARCHS)
+def test_lowers_loss_on_regression(arch, name):
+  x, y = arch_data(arch, 'regression', batch=64, seed=5, out=2)
+  losses, _ = _train(TRANSFORMS[name](), arch_model(arch, 2, hidden=16), x,
+                     y, mse, 25)
   assert losses[-1] < 0.7 * losses[0], losses
 
 
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('bad', [np.nan, np.inf])
-def test_non_finite_batch_leaves_parameters_unchanged(name, bad):
-  model = MLP((6, 8, 3))
+@pytest.mark.parametrize('arch', ARCHS)
+def test_non_finite_batch_leaves_parameters_unchanged(arch, name, bad):
+  model = arch_model(arch)
   opt = nnx.Optimizer(model, TRANSFORMS[name](), wrt=nnx.Param)
 
   @nnx.jit
@@ -184,7 +196,7 @@ def test_non_finite_batch_leaves_parameters_unchanged(name, bad):
     opt.update(model, grads, problems=problems)
     return loss
 
-  x, y = classification()
+  x, y = arch_data(arch)
   step(model, opt, x, y)  # a good step first, so momentum is non-zero
   before = jax.tree.map(jnp.copy, pure(nnx.state(model, nnx.Param)))
   opt_before = jax.tree.map(jnp.copy, pure(opt.opt_state))
@@ -206,10 +218,11 @@ def test_non_finite_batch_leaves_parameters_unchanged(name, bad):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_zero_output_error_gives_zero_update(name):
+@pytest.mark.parametrize('arch', ARCHS)
+def test_zero_output_error_gives_zero_update(arch, name):
   """At a point where every example's output error is zero, nothing moves."""
-  model = MLP((6, 8, 3))
-  x, _ = classification()
+  model = arch_model(arch)
+  x, _ = arch_data(arch)
   targets = model(x)  # the model fits these exactly: e = 2(z - y) = 0
   tx = TRANSFORMS[name]()
   grads, params, problems = step_inputs(model, x, targets, loss_fn=mse)
@@ -244,7 +257,7 @@ def test_rejects_unknown_variant_and_solver():
 
 def test_state_reports_diagnostics():
   model = MLP((6, 8, 3))
-  grads, params, problems = step_inputs(model, *classification())
+  grads, params, problems = step_inputs(model, *arch_data("mlp"))
   # Exact solves show round-off; 4 CG steps on 9 unknowns per column a
   # clearly larger, still small, residual.
   for tx, iterations, bounds in [

@@ -32,6 +32,7 @@ class Record:
   inputs: jax.Array
   outputs: jax.Array
   has_bias: bool
+  kind: Hashable
 
 
 class Tape:
@@ -49,15 +50,19 @@ class Tape:
     self.captured = None
 
   def visit(self, path: Path, inputs, compute: Callable[[], Any],
-            has_bias: bool):
+            has_bias: bool, kind: Callable[[], Hashable]):
+    """Handles one call of a linear layer; ``kind()`` describes it."""
     if self.source is None:
       if any(r.path == path for r in self.records):
         raise ValueError(
             f"the linear layer '{problems_lib.path_str(path)}' is applied "
             'more than once in one forward pass; SIBP and ProxBP need every '
             'linear layer once, in a chain.')
+      # Describe the layer before running it, so that an unsupported one is
+      # named by us rather than failing inside Flax in its own words.
+      layer_kind = kind()
       outputs = compute()
-      self.records.append(Record(path, inputs, outputs, has_bias))
+      self.records.append(Record(path, inputs, outputs, has_bias, layer_kind))
       return outputs
     if path == self.target:
       self.captured = inputs
@@ -155,7 +160,7 @@ def check_chain(segment: SegmentFn, data, x, g, records_in) -> None:
 
 
 def build_problems(records: list[Record], output_error, logits, *, runner,
-                   data, x, kind, prefix: Path = (), check: bool = True):
+                   data, x, prefix: Path = (), check: bool = True):
   """Turns the records of one forward pass into :class:`Problems`.
 
   Args:
@@ -165,14 +170,12 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
     runner: hashable ``runner(data, x)`` that replays the model.
     data: the arrays ``runner`` needs (the model's variables).
     x: the model input of the forward pass.
-    kind: the layer description (:class:`sibp_jax.Dense`) for each record,
-      as a function of the record.
     prefix: path of the module's variables inside the user's parameter tree.
     check: verify that the layers form a chain (trace-time only).
   """
   if not records:
     raise ValueError('the model applied no recognised linear layer '
-                     '(nnx.Linear / linen.Dense).')
+                     '(nnx.Linear, nnx.Conv, linen.Dense, linen.Conv).')
   if logits is not records[-1].outputs:
     raise ValueError(
         "the model's output must be the output of its last linear layer "
@@ -189,7 +192,7 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
       segment = problems_lib.Segment(fn, data)
     layers.append(problems_lib.LayerProblem(
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
-        kind=kind(rec), kernel_path=prefix + rec.path + ('kernel',),
+        kind=rec.kind, kernel_path=prefix + rec.path + ('kernel',),
         bias_path=prefix + rec.path + ('bias',) if rec.has_bias else None))
   return problems_lib.Problems(tuple(layers), output_error)
 

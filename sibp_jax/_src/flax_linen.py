@@ -13,17 +13,23 @@ import optax
 from flax.training import train_state
 
 from sibp_jax._src import capture
+from sibp_jax._src import flax_layers
 from sibp_jax._src import problems as problems_lib
 
 
 def _interceptor(next_fun, args, kwargs, context):
   tape = capture.current_tape()
-  if (tape is None or context.method_name != '__call__' or
-      not isinstance(context.module, nn.Dense)):
-    return next_fun(*args, **kwargs)
   module = context.module
-  return tape.visit(tuple(module.path), args[0],
-                    lambda: next_fun(*args, **kwargs), module.use_bias)
+  if (tape is None or context.method_name != '__call__' or
+      not isinstance(module, flax_layers.DENSE + flax_layers.CONV)):
+    return next_fun(*args, **kwargs)
+  path = tuple(module.path)
+  name = problems_lib.path_str(path)
+  inputs = args[0]
+  return tape.visit(
+      path, inputs, lambda: next_fun(*args, **kwargs),
+      flax_layers.has_bias(module),
+      lambda: flax_layers.layer_kind(module, name, inputs.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +43,6 @@ class _Runner:
       return self.module.apply(variables, x)
 
 
-def _kind(record):
-  del record
-  return problems_lib.Dense()
-
-
 def _is_variables(params) -> bool:
   return isinstance(params, Mapping) and 'params' in params
 
@@ -51,14 +52,15 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *, loss_fn,
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``module.apply`` once, recording the input and output of every
-  ``nn.Dense`` it applies, and differentiates the mean loss
+  ``nn.Dense`` and ``nn.Conv`` it applies, and differentiates the mean loss
   ``J = mean_b loss_fn(logits, y)_b`` with respect to ``params``. The layers
   must be applied one after another with parameter-free code between them
   and the module's output must be the last layer's output; anything else is
   a ``ValueError`` naming the layer.
 
   Args:
-    module: a ``flax.linen`` module built from ``nn.Dense`` layers.
+    module: a ``flax.linen`` module built from ``nn.Dense`` / ``nn.Conv``
+      layers.
     params: the ``'params'`` collection (as a ``TrainState`` holds it), or the
       whole variables dict ``{'params': ...}``; gradients come back in the
       same structure.
@@ -118,7 +120,7 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *, loss_fn,
       records, capture.output_error(loss_fn, logits, y)
       if logits is not None else None,
       logits, runner=_Runner(module),
-      data=params if as_variables else {'params': params}, x=x, kind=_kind,
+      data=params if as_variables else {'params': params}, x=x,
       prefix=prefix, check=check_chain)
   return loss, grads, problems
 

@@ -12,47 +12,53 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sibp_jax._src import capture
+from sibp_jax._src import flax_layers
 from sibp_jax._src import problems as problems_lib
 
-# The unpatched method, taken once: nested interception must never call an
+# The unpatched methods, taken once: nested interception must never call an
 # already-patched method (it would record a layer twice).
-_LINEAR_CALL = nnx.Linear.__call__
+_CALLS = {cls: cls.__call__ for cls in (nnx.Linear, nnx.Conv)}
 _LOCK = threading.RLock()
 
 
-def _linear_paths(model) -> dict[int, tuple]:
-  return {id(m): (tuple(path), m.bias is not None)
-          for path, m in nnx.iter_modules(model)
-          if isinstance(m, nnx.Linear)}
+def _layer_paths(model) -> dict[int, tuple]:
+  return {id(m): tuple(path) for path, m in nnx.iter_modules(model)
+          if isinstance(m, tuple(_CALLS))}
 
 
 @contextlib.contextmanager
 def _intercept(model):
-  """Routes the calls of ``model``'s ``nnx.Linear`` layers to the tape.
+  """Routes the calls of ``model``'s linear layers to the active tape.
 
-  nnx has no method interceptor, so ``nnx.Linear.__call__`` is swapped for
-  the duration of the block (under a lock, restored on exit). Instances of
-  other models are unaffected: only layers of ``model`` are looked up.
+  nnx has no method interceptor, so ``nnx.Linear.__call__`` and
+  ``nnx.Conv.__call__`` are swapped for the duration of the block (under a
+  lock, restored on exit). Instances of other models are unaffected: only
+  layers of ``model`` are looked up.
   """
-  paths = _linear_paths(model)
+  paths = _layer_paths(model)
 
-  def call(self, inputs, *args, **kwargs):
-    tape = capture.current_tape()
-    found = paths.get(id(self))
-    if tape is None or found is None:
-      return _LINEAR_CALL(self, inputs, *args, **kwargs)
-    path, has_bias = found
-    return tape.visit(path, inputs,
-                      lambda: _LINEAR_CALL(self, inputs, *args, **kwargs),
-                      has_bias)
+  def patched(original):
+    def call(self, inputs, *args, **kwargs):
+      tape = capture.current_tape()
+      path = paths.get(id(self))
+      compute = lambda: original(self, inputs, *args, **kwargs)
+      if tape is None or path is None:
+        return compute()
+      name = problems_lib.path_str(path)
+      return tape.visit(
+          path, inputs, compute, flax_layers.has_bias(self),
+          lambda: flax_layers.layer_kind(self, name, inputs.shape))
+    return call
 
   with _LOCK:
-    saved = nnx.Linear.__call__
-    nnx.Linear.__call__ = call
+    saved = {cls: cls.__call__ for cls in _CALLS}
+    for cls, original in _CALLS.items():
+      cls.__call__ = patched(original)
     try:
       yield
     finally:
-      nnx.Linear.__call__ = saved
+      for cls, method in saved.items():
+        cls.__call__ = method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +73,20 @@ class _Runner:
       return model(x)
 
 
-def _kind(record):
-  del record
-  return problems_lib.Dense()
-
-
 def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
                             check_chain: bool = True):
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``model(x)`` once, recording the input ``f_{i-1}`` and output
-  ``g_i`` of every ``nnx.Linear`` it applies, and differentiates the mean
+  ``g_i`` of every ``nnx.Linear`` and ``nnx.Conv`` it applies, and differentiates the mean
   loss ``J = mean_b loss_fn(model(x), y)_b`` with respect to the model's
   ``nnx.Param`` variables. The layers must be applied one after another
-  with parameter-free code between them (elementwise activations,
+  with parameter-free code between them (elementwise activations, pooling,
   reshape/flatten) and the model's output must be the last layer's output;
   anything else is a ``ValueError`` naming the layer.
 
   Args:
-    model: an ``nnx.Module`` built from ``nnx.Linear`` layers.
+    model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
     x: the batch of inputs, leading axis the batch.
     y: the labels (any array with the same leading axis).
     loss_fn: ``loss_fn(logits, labels)`` returning one loss per example,
@@ -138,5 +139,5 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
       records, capture.output_error(loss_fn, outputs[-1] if outputs else None,
                                     y) if records else None,
       logits, runner=_Runner(graphdef), data=nnx.as_pure(state), x=x,
-      kind=_kind, check=check_chain)
+      check=check_chain)
   return loss, grads, problems

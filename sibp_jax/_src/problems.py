@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PathKey = str | int
 Path = tuple[PathKey, ...]
@@ -44,28 +45,19 @@ class Dense:
     out = jnp.matmul(inputs, kernel, precision=PRECISION)
     return out if bias is None else out + bias
 
-  def design(self, inputs, *, kernel: bool = True, bias: bool = True):
-    """Design matrix of the least-squares fit, shape ``(rows, columns)``.
+  def design(self, inputs, window=()):
+    """The kernel's block of the design matrix, shape ``(rows, d_in)``.
 
-    Columns are the kernel's input features (if ``kernel``), then a column of
-    ones for the bias (if ``bias``), so that ``design @ [W; b]`` gives the
-    rows of ``apply``.
+    With a column of ones appended for the bias, ``[design, 1] @ [W; b]``
+    gives the rows of ``apply``. ``window`` (the kernel's spatial shape,
+    empty for a dense layer) is unused.
     """
-    rows = inputs.reshape(-1, inputs.shape[-1])
-    cols = []
-    if kernel:
-      cols.append(rows)
-    if bias:
-      cols.append(jnp.ones((rows.shape[0], 1), rows.dtype))
-    return jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+    del window
+    return inputs.reshape(-1, inputs.shape[-1])
 
   def output_rows(self, outputs):
     """Outputs as the ``(rows, d_out)`` right-hand side of ``design``."""
     return outputs.reshape(-1, outputs.shape[-1])
-
-  def kernel_rows(self, kernel):
-    """The kernel as the ``(columns, d_out)`` block that ``design`` uses."""
-    return kernel.reshape(-1, kernel.shape[-1])
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     """Raises ``ValueError`` if the recorded arrays do not fit the parameters."""
@@ -82,6 +74,82 @@ class Dense:
     if bias_shape is not None and tuple(bias_shape) != (d_out,):
       raise ValueError(f'layer {name}: bias of shape {tuple(bias_shape)} does '
                        f'not fit {d_out} outputs')
+
+
+_CONV_SPECS = {1: ('NWC', 'WIO', 'NWC'), 2: ('NHWC', 'HWIO', 'NHWC'),
+               3: ('NDHWC', 'DHWIO', 'NDHWC')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """A channels-last convolution ``g = conv(f, K) + b`` (1-, 2- or 3-D).
+
+  As a regression, every output position of every example is a row: the
+  design matrix holds the input patch under the kernel at that position
+  (im2col), ordered like the kernel's ``(spatial..., in)`` axes, so
+  ``design(f, window) @ K.reshape(-1, out)`` equals the convolution's rows.
+
+  Attributes:
+    strides: the window strides, one per spatial axis.
+    padding: explicit ``(low, high)`` zero padding per spatial axis.
+    kernel_dilation: the kernel's dilation per spatial axis.
+  """
+
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  kernel_dilation: tuple[int, ...]
+
+  def _specs(self):
+    return _CONV_SPECS[len(self.strides)]
+
+  def apply(self, kernel, bias, inputs):
+    """Returns ``conv(inputs, kernel) + bias`` (``bias`` may be ``None``)."""
+    out = jax.lax.conv_general_dilated(
+        inputs, kernel, self.strides, self.padding,
+        rhs_dilation=self.kernel_dilation, dimension_numbers=self._specs(),
+        precision=PRECISION)
+    return out if bias is None else out + bias
+
+  def design(self, inputs, window):
+    """im2col: the kernel's block of the design matrix.
+
+    Shape ``(rows, prod(window)·channels)``, one row per example and output
+    position, columns ordered like ``kernel.reshape(-1, out)``.
+    """
+    lhs, _, out = self._specs()
+    cols = jax.lax.conv_general_dilated_patches(
+        inputs, window, self.strides, self.padding,
+        rhs_dilation=self.kernel_dilation, dimension_numbers=(lhs, _, out),
+        precision=PRECISION)
+    channels = inputs.shape[-1]
+    # The patches come channel-major ((in, spatial...)); kernels are laid out
+    # spatial-major ((spatial..., in)): reorder once here.
+    cols = cols.reshape(-1, channels, int(np.prod(window)))
+    return jnp.swapaxes(cols, 1, 2).reshape(cols.shape[0], -1)
+
+  def output_rows(self, outputs):
+    return outputs.reshape(-1, outputs.shape[-1])
+
+  def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
+    nd = len(self.strides)
+    if len(kernel_shape) != nd + 2:
+      raise ValueError(f'layer {name}: a {nd}-D conv kernel must have '
+                       f'{nd + 2} axes, got shape {tuple(kernel_shape)}')
+    if inputs.ndim != nd + 2 or outputs.ndim != nd + 2:
+      raise ValueError(
+          f'layer {name}: a {nd}-D conv needs inputs and outputs of rank '
+          f'{nd + 2} (batch, spatial..., channels), got {inputs.shape} and '
+          f'{outputs.shape}')
+    if (inputs.shape[-1] != kernel_shape[-2] or
+        outputs.shape[-1] != kernel_shape[-1]):
+      raise ValueError(
+          f'layer {name}: problems hold inputs {inputs.shape} and outputs '
+          f'{outputs.shape}, which do not fit a kernel of shape '
+          f'{tuple(kernel_shape)}; were the problems built from another '
+          'model?')
+    if bias_shape is not None and tuple(bias_shape) != (kernel_shape[-1],):
+      raise ValueError(f'layer {name}: bias of shape {tuple(bias_shape)} does '
+                       f'not fit {kernel_shape[-1]} output channels')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy import linalg as jsl
 
 from sibp_jax._src import problems as problems_lib
@@ -137,23 +138,50 @@ class Ridge:
   ``1 + ‖F‖²/min(λ)``, which bounds the float32 error seen in
   :attr:`SolveInfo.residual`.
 
+  For a convolution the rows are examples times output positions and the
+  columns the kernel's patch (im2col), so the factor is the small
+  ``(k·k·c_in + 1)``-square patch Gram matrix. When even the smaller factor
+  would exceed ``max_factor`` on a side (a huge patch at a huge batch), the
+  solve is handed to ``fallback``, matrix-free conjugate gradient through
+  the layer and its transpose, chosen from the static shapes.
+
   Attributes:
     method: ``'auto'`` (by shape, as above), ``'cholesky'`` or
       ``'woodbury'``.
+    max_factor: the largest factor side ``'auto'`` forms (default 8192, a
+      256 MiB float32 matrix); ``None`` for no limit.
+    fallback: the solver used beyond ``max_factor`` (default
+      ``ConjugateGradient(10)``).
   """
 
   method: str = 'auto'
+  max_factor: int | None = 8192
+  fallback: Any = None
 
   def __post_init__(self):
     if self.method not in ('auto', 'cholesky', 'woodbury'):
       raise ValueError("Ridge(method=...) must be 'auto', 'cholesky' or "
                        f"'woodbury', got {self.method!r}")
+    if self.max_factor is not None and (
+        not isinstance(self.max_factor, int) or self.max_factor < 1):
+      raise ValueError('Ridge(max_factor=...) must be a positive int or None, '
+                       f'got {self.max_factor!r}')
 
   def solve(self, p: RidgeProblem):
     """Returns ``((ΔW, Δb), SolveInfo)``; fixed blocks are ``None``."""
     fit_kernel, fit_bias = p.kernel_shape is not None, p.bias_shape is not None
-    f = p.kind.design(p.inputs, kernel=fit_kernel, bias=fit_bias)
     r = p.kind.output_rows(p.residual)
+    columns = (int(np.prod(p.kernel_shape[:-1])) if fit_kernel else 0) + int(
+        fit_bias)
+    if (self.method == 'auto' and self.max_factor is not None and
+        min(r.shape[0], columns) > self.max_factor):
+      return (self.fallback or ConjugateGradient(10)).solve(p)
+    blocks = []
+    if fit_kernel:
+      blocks.append(p.kind.design(p.inputs, tuple(p.kernel_shape[:-2])))
+    if fit_bias:
+      blocks.append(jnp.ones((r.shape[0], 1), r.dtype))
+    f = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     n, m = f.shape
     n_kernel = m - 1 if fit_bias else m
     lam = jnp.concatenate([
