@@ -37,27 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from models import PaperMLP
 
 import sibp_jax
 
 LOSS = optax.softmax_cross_entropy_with_integer_labels
-
-
-class PaperMLP(nnx.Module):
-  """The SIBP authors' network: in-500-10, ReLU, weights and biases N(0, 0.05²)."""
-
-  def __init__(self, d_in: int = 784, hidden: int = 500, classes: int = 10,
-               *, seed: int = 0):
-    init = nnx.initializers.normal(0.05)
-    rngs = nnx.Rngs(seed)
-    self.hidden = nnx.Linear(d_in, hidden, kernel_init=init, bias_init=init,
-                             rngs=rngs)
-    self.out = nnx.Linear(hidden, classes, kernel_init=init, bias_init=init,
-                          rngs=rngs)
-
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    return self.out(jax.nn.relu(self.hidden(x)))
 
 
 # name -> (transformation factory, needs problems)

@@ -1,0 +1,149 @@
+r"""Draws the metrics files of several runs of ``train.py`` on one figure.
+
+Four panels, the way both papers plot their runs: loss against epochs and
+against seconds spent in update steps (log scale), accuracy against epochs
+and against seconds; the training set solid, the validation set dashed, one
+colour per run, starting from the evaluation before the first step::
+
+  python examples/compare.py sibp.json adam.json proxbp.json --out runs.png
+
+Each run is labelled by its optimizer and the settings in which the runs
+differ (``--labels`` overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# Settings that do not change what is trained, left out of labels.
+_NOT_LABELS = ('metrics_out', 'plot_out', 'data_dir', 'progress',
+               'eval_batch_size')
+
+
+def load(path: str) -> dict[str, Any]:
+  """Reads one metrics file written by ``train.py``."""
+  with open(path) as f:
+    metrics = json.load(f)
+  if 'config' not in metrics or 'history' not in metrics:
+    raise ValueError(f'{path} is not a metrics file of train.py (needs '
+                     '"config" and "history")')
+  return metrics
+
+
+def labels(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Short labels: the optimizer and the settings in which runs differ.
+
+  Args:
+    configs: the ``"config"`` of each run.
+
+  Returns:
+    One label per run, e.g. ``'proxbp proxbp_solver=cg3'``.
+  """
+  keys = sorted({k for c in configs for k in c} - set(_NOT_LABELS) -
+                {'optimizer'})
+  differing = [k for k in keys
+               if len({json.dumps(c.get(k)) for c in configs}) > 1]
+  out = []
+  for c in configs:
+    parts = [str(c.get('optimizer', '?'))]
+    parts += [f'{k}={c.get(k)}' for k in differing]
+    out.append(' '.join(parts))
+  return out
+
+
+def _series(metrics: Mapping[str, Any], key: str):
+  entries = ([metrics['initial']] if metrics.get('initial') else []) + list(
+      metrics['history'])
+  x = np.asarray([e[key] for e in entries], float)
+  return entries, x
+
+
+def _values(entries, key):
+  return np.asarray([np.nan if e.get(key) is None else e[key]
+                     for e in entries], float)
+
+
+def plot(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
+         title: str | None = None) -> None:
+  """Plots loss and accuracy against epochs and seconds to an image file.
+
+  Args:
+    runs: ``(label, metrics)`` pairs, ``metrics`` as written by ``train.py``.
+    path: the image file (its suffix picks the format, e.g. ``.png``).
+    title: the figure's title (default: dataset and model of the first run).
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for i, (label, metrics) in enumerate(runs):
+    color = colors[i % len(colors)]
+    for col, xkey in enumerate(('epoch', 'seconds')):
+      entries, x = _series(metrics, xkey)
+      for row, what in enumerate(('loss', 'accuracy')):
+        ax = axes[row][col]
+        for split, style in (('train', '-'), ('val', '--')):
+          ax.plot(x, _values(entries, f'{split}_{what}'), style, color=color,
+                  marker='.', label=f'{label} ({split})')
+  for col, xlabel in enumerate(('epoch', 'seconds in update steps')):
+    for row, what in enumerate(('loss', 'accuracy')):
+      ax = axes[row][col]
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(what)
+      ax.grid(True, alpha=0.3)
+      if what == 'loss':
+        ax.set_yscale('log')
+  axes[0][0].legend(fontsize='small')
+  if title is None and runs:
+    c = runs[0][1].get('config', {})
+    title = f'{c.get("dataset", "")} {c.get("model", "")}'.strip()
+  if title:
+    fig.suptitle(f'{title}: training (solid) and validation (dashed)')
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+  """Plots the metrics files named on the command line.
+
+  Args:
+    argv: arguments without the program name (default ``sys.argv[1:]``).
+
+  Returns:
+    The labels used.
+  """
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('metrics', nargs='+', help='metrics files of train.py')
+  parser.add_argument('--out', default='compare.png', help='the image file')
+  parser.add_argument('--labels', default=None,
+                      help='comma-separated labels, one per file')
+  parser.add_argument('--title', default=None)
+  args = parser.parse_args(argv)
+  try:
+    runs = [load(p) for p in args.metrics]
+  except (OSError, ValueError) as e:
+    parser.error(str(e))
+  if args.labels is not None:
+    names = args.labels.split(',')
+    if len(names) != len(runs):
+      parser.error(f'{len(names)} labels for {len(runs)} files')
+  else:
+    names = labels([r['config'] for r in runs])
+  plot(list(zip(names, runs, strict=True)), args.out, title=args.title)
+  print(f'wrote {args.out}')
+  return names
+
+
+if __name__ == '__main__':
+  main()

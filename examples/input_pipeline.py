@@ -1,0 +1,228 @@
+r"""Datasets for the examples: train / validation / test arrays in memory.
+
+* ``mnist``, ``fashion_mnist``, ``cifar10`` come through TFDS's random-access
+  ``tfds.data_source`` (array_record files, no TensorFlow needed to read
+  them). The validation set is held out from the training split: 5,000
+  images, the first 5,000 for the MNIST-like sets (as TensorFlow's classic
+  MNIST reader, whose split the SIBP authors' setting matches) and the last
+  5,000 for CIFAR-10 (45k / 5k, as in the ProxBP authors' code). Pixels:
+  MNIST-like divided by 255 to ``[0, 1]``; CIFAR-10 divided by the maximum of
+  the training images (no mean subtraction, no augmentation), as ProxBP.
+* ``digits``: scikit-learn's bundled 8×8 digits (pixels ``/16``), for
+  machines without internet; split as ``examples/quickstart.py`` does
+  (360 test images), the validation set held out from the rest.
+* ``mock_data=N``: ``tfds.testing.mock_data`` with ``N`` random examples per
+  split (for tests); shapes as the real dataset.
+
+When the validation size (default 5,000) is not below a fifth of the
+training split (digits, mock data), a fifth is held out instead.
+
+If a TFDS dataset is not prepared, it is downloaded and prepared (array_record
+format) once, which needs TensorFlow (``pip install ".[examples]"`` brings
+``tensorflow-cpu``) and internet. When that is impossible,
+:class:`DatasetUnavailableError` says what to run or which ``data_dir`` to
+pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
+_TFDS = {'mnist', 'fashion_mnist', 'cifar10'}
+VALIDATION_EXAMPLES = 5000
+_READ_CHUNK = 10_000
+
+
+class DatasetUnavailableError(RuntimeError):
+  """The dataset is neither prepared nor preparable here; says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """One dataset in memory: float32 images ``(n, H, W, C)``, int32 labels."""
+
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_val: np.ndarray
+  y_val: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  classes: int
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.x_train.shape[1:])
+
+  def sizes(self) -> dict[str, Any]:
+    return {'train': len(self.x_train), 'validation': len(self.x_val),
+            'test': len(self.x_test), 'input_shape': list(self.input_shape),
+            'classes': self.classes}
+
+
+def _default_data_dir(data_dir: str | None) -> str:
+  return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
+      '~/tensorflow_datasets')
+
+
+def _unavailable(name: str, data_dir: str | None, why: str,
+                 what: str) -> DatasetUnavailableError:
+  where = _default_data_dir(data_dir)
+  return DatasetUnavailableError(
+      f'Dataset {name!r} is not available in {where}: {why}\n{what}\n'
+      f'Or pass --data_dir DIR of a TFDS data directory where {name} is '
+      'prepared in array_record format, run --dataset digits (bundled with '
+      'scikit-learn, no download), or --mock_data N (random data).')
+
+
+def _prepare(builder, name: str, data_dir: str | None) -> None:
+  """Downloads and prepares ``builder`` in array_record format."""
+  try:
+    import tensorflow  # noqa: F401  # pylint: disable=unused-import
+  except ImportError:
+    raise _unavailable(
+        name, data_dir, 'it is not prepared, and preparing it needs '
+        'TensorFlow, which is not installed.',
+        'Install it with `pip install ".[examples]"` (which brings '
+        'tensorflow-cpu), then run the same command again to download and '
+        'prepare it.') from None
+  print(f'Downloading and preparing {name} in {builder.data_dir} (once; '
+        'without internet this fails after the downloader\'s retries, a few '
+        'minutes).', flush=True)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # noqa: BLE001 (network, disk, checksums, ...)
+    first_line = (str(e).splitlines() or [''])[0][:300]
+    raise _unavailable(
+        name, data_dir, 'downloading and preparing it failed '
+        f'({type(e).__name__}: {first_line}).',
+        'On a machine with internet, prepare it with `python '
+        f'examples/train.py --dataset {name} --data_dir DIR --epochs 0` and '
+        'copy DIR here.') from None
+
+
+def _read(source) -> list[dict[str, Any]]:
+  """All records of a TFDS data source, read in chunks."""
+  records = []
+  for start in range(0, len(source), _READ_CHUNK):
+    keys = list(range(start, min(start + _READ_CHUNK, len(source))))
+    try:
+      records.extend(source.__getitems__(keys))
+    except TypeError:
+      # tfds.testing.mock_data's __getitems__ is not bound to the source
+      # (tfds 4.9): read the random examples one by one.
+      records.extend(source[k] for k in keys)
+  return records
+
+
+def _as_arrays(records) -> tuple[np.ndarray, np.ndarray]:
+  x = np.stack([np.asarray(r['image']) for r in records])
+  y = np.asarray([r['label'] for r in records], np.int32)
+  return x, y
+
+
+def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
+  """Raw ``(x_train, y_train, x_test, y_test, classes)`` from TFDS."""
+  try:
+    import tensorflow_datasets as tfds  # examples extra
+  except ImportError:
+    raise DatasetUnavailableError(
+        'Reading TFDS datasets needs tensorflow-datasets: '
+        'pip install ".[examples]"') from None
+  if mock_data is not None:
+    if mock_data < 2:
+      raise ValueError(f'mock_data must be at least 2, got {mock_data}')
+    context = tfds.testing.mock_data(num_examples=mock_data)
+  else:
+    context = contextlib.nullcontext()
+  with context:
+    builder = tfds.builder(name, data_dir=data_dir,
+                           file_format='array_record')
+    if mock_data is None and not builder.is_prepared():
+      _prepare(builder, name, data_dir)
+    try:
+      train = _read(builder.as_data_source(split='train'))
+      test = _read(builder.as_data_source(split='test'))
+    except NotImplementedError as e:  # prepared as TFRecord: no random access
+      raise _unavailable(
+          name, data_dir, f'it is prepared in a format without random access '
+          f'({str(e).splitlines()[0]}).',
+          'Prepare it again in array_record format in another directory '
+          f'(`python examples/train.py --dataset {name} --data_dir NEW_DIR '
+          '--epochs 0`).') from None
+    classes = builder.info.features['label'].num_classes
+  return (*_as_arrays(train), *_as_arrays(test), classes)
+
+
+def _load_digits():
+  import quickstart  # pylint: disable=import-outside-toplevel
+  x_train, y_train, x_test, y_test = quickstart.load_digits_split(seed=0)
+  # quickstart gives flat rows in [0, 1] (pixels / 16): back to 8×8 images.
+  return (x_train.reshape(-1, 8, 8, 1), y_train,
+          x_test.reshape(-1, 8, 8, 1), y_test, 10)
+
+
+def load(name: str, data_dir: str | None = None, *,
+         validation_examples: int = VALIDATION_EXAMPLES,
+         train_examples: int | None = None,
+         mock_data: int | None = None) -> Data:
+  """Loads a dataset as train / validation / test arrays.
+
+  Args:
+    name: one of :data:`DATASETS`.
+    data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or
+      ``~/tensorflow_datasets``); unused for ``digits`` and mock data.
+    validation_examples: images held out from the training split (default
+      5,000; a fifth of the split when that is smaller).
+    train_examples: keep only the first this many training images (after
+      the validation set is held out); default all.
+    mock_data: use ``tfds.testing.mock_data`` with this many examples per
+      split instead of the real data (TFDS datasets only).
+
+  Returns:
+    A :class:`Data` with float32 images ``(n, H, W, C)`` and int32 labels.
+
+  Raises:
+    DatasetUnavailableError: the dataset is not prepared and cannot be
+      prepared here; the message says what to do.
+    ValueError: an unknown name or an impossible size.
+  """
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
+  if name == 'digits':
+    if mock_data is not None:
+      raise ValueError('mock_data is for the TFDS datasets, not digits')
+    x_train, y_train, x_test, y_test, classes = _load_digits()
+  else:
+    x_train, y_train, x_test, y_test, classes = _load_tfds(name, data_dir,
+                                                           mock_data)
+  n_val = min(validation_examples, len(x_train) // 5)
+  if name == 'cifar10':  # ProxBP: the last 5,000 training images.
+    x_train, x_val = x_train[:-n_val], x_train[-n_val:]
+    y_train, y_val = y_train[:-n_val], y_train[-n_val:]
+  else:  # MNIST-like (and digits): the first ones.
+    x_val, x_train = x_train[:n_val], x_train[n_val:]
+    y_val, y_train = y_train[:n_val], y_train[n_val:]
+  if train_examples is not None:
+    if not 0 < train_examples <= len(x_train):
+      raise ValueError(f'train_examples={train_examples}: {name} has '
+                       f'{len(x_train)} training images after holding out '
+                       f'{n_val} for validation')
+    x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+  if name == 'digits':
+    scale = 1.0  # already /16
+  elif name == 'cifar10':
+    scale = float(x_train.max())  # ProxBP: the training maximum (255)
+  else:
+    scale = 255.0
+  if scale <= 0:
+    scale = 1.0  # an all-zero (mock) training set
+  prep = lambda x: (x.astype(np.float32) / np.float32(scale))
+  return Data(name, prep(x_train), y_train, prep(x_val), y_val, prep(x_test),
+              y_test, classes)

@@ -1,0 +1,154 @@
+r"""The networks of the SIBP and ProxBP papers' experiments, in ``flax.nnx``.
+
+Every model takes images ``(batch, height, width, channels)`` (or any array
+whose leading axis is the batch) and returns logits ``(batch, classes)``:
+
+* ``paper_mlp``: the SIBP authors' network, ``input-500-10`` with ReLU,
+  weights and biases drawn from ``N(0, 0.05²)``.
+* ``proxprop_mlp``: the ProxBP authors' MLP, ``input-4000-1000-4000-10`` with
+  ReLU.
+* ``proxprop_convnet``: the ProxBP authors' ConvNet: three 5×5 convolutions
+  (zero padding 2) with 16, 20 and 20 channels, ReLU after each, 2×2 max-pool
+  after the first two, then ``Linear(20·(H/4)·(W/4) → classes)``; for
+  CIFAR-10 that is ``Linear(20·8·8 → 10)``.
+
+The ProxBP models start from PyTorch's default initialisation, as in the
+ProxBP authors' code: weights and biases uniform in ``±1/sqrt(fan_in)``
+(``fan_in`` counts the kernel's window for a convolution).
+
+All of them are chains of linear layers with parameter-free code between
+them, which is what ``sibp_jax.nnx.value_grad_and_problems`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's default for nn.Linear / nn.Conv2d weights: kaiming_uniform with
+# a = sqrt(5), i.e. uniform in ±sqrt(6 / ((1 + 5) fan_in)) = ±1/sqrt(fan_in);
+# variance_scaling's uniform bound is sqrt(3 scale / fan_in), so scale = 1/3.
+_torch_kernel_init = nnx.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _torch_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default bias: uniform in ``±1/sqrt(fan_in)``."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _torch_linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, kernel_init=_torch_kernel_init,
+                    bias_init=_torch_bias_init(d_in), rngs=rngs)
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1)
+
+
+class PaperMLP(nnx.Module):
+  """The SIBP authors' network: in-500-10, ReLU, all parameters N(0, 0.05²)."""
+
+  def __init__(self, d_in: int = 784, hidden: int = 500, classes: int = 10,
+               *, seed: int = 0):
+    init = nnx.initializers.normal(0.05)
+    rngs = nnx.Rngs(seed)
+    self.hidden = nnx.Linear(d_in, hidden, kernel_init=init, bias_init=init,
+                             rngs=rngs)
+    self.out = nnx.Linear(hidden, classes, kernel_init=init, bias_init=init,
+                          rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(_flatten(x))))
+
+
+class ProxPropMLP(nnx.Module):
+  """The ProxBP authors' MLP: in-4000-1000-4000-classes with ReLU."""
+
+  def __init__(self, d_in: int = 3072,
+               hidden: Sequence[int] = (4000, 1000, 4000),
+               classes: int = 10, *, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    widths = [d_in, *hidden]
+    self.hidden = nnx.List([
+        _torch_linear(a, b, rngs)
+        for a, b in zip(widths[:-1], widths[1:], strict=True)])
+    self.out = _torch_linear(widths[-1], classes, rngs)
+
+  def __call__(self, x):
+    x = _flatten(x)
+    for layer in self.hidden:
+      x = jax.nn.relu(layer(x))
+    return self.out(x)
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
+class ProxPropConvNet(nnx.Module):
+  """The ProxBP authors' ConvNet, adapted to the input's shape.
+
+  ``conv5x5(16) → ReLU → pool → conv5x5(20) → ReLU → pool → conv5x5(20) →
+  ReLU → Linear(20·(H/4)·(W/4) → classes)``, convolutions with zero padding
+  2 (``'SAME'`` size), 2×2 max-pools with stride 2 (odd sizes are floored).
+  """
+
+  def __init__(self, input_shape: Sequence[int] = (32, 32, 3),
+               classes: int = 10, *, seed: int = 0):
+    height, width, channels = input_shape
+    rngs = nnx.Rngs(seed)
+    convs = []
+    for c_in, c_out in zip((channels, 16, 20), (16, 20, 20), strict=True):
+      convs.append(nnx.Conv(
+          c_in, c_out, kernel_size=(5, 5), padding=((2, 2), (2, 2)),
+          kernel_init=_torch_kernel_init,
+          bias_init=_torch_bias_init(c_in * 25), rngs=rngs))
+    self.convs = nnx.List(convs)
+    features = 20 * (height // 2 // 2) * (width // 2 // 2)
+    self.out = _torch_linear(features, classes, rngs)
+
+  def __call__(self, x):
+    x = _max_pool(jax.nn.relu(self.convs[0](x)))
+    x = _max_pool(jax.nn.relu(self.convs[1](x)))
+    x = jax.nn.relu(self.convs[2](x))
+    return self.out(_flatten(x))
+
+
+MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet')
+
+
+def create_model(name: str, input_shape: Sequence[int], classes: int, *,
+                 seed: int = 0) -> nnx.Module:
+  """Builds one of :data:`MODELS` for inputs of one example's shape.
+
+  Args:
+    name: ``'paper_mlp'``, ``'proxprop_mlp'`` or ``'proxprop_convnet'``.
+    input_shape: one example's shape, ``(height, width, channels)`` for
+      images; the MLPs take its product as their input width.
+    classes: number of classes (the width of the logits).
+    seed: seed of the initial weights.
+
+  Returns:
+    The model with its initial weights (the same seed gives the same ones).
+  """
+  input_shape = tuple(int(d) for d in input_shape)
+  if name == 'paper_mlp':
+    return PaperMLP(math.prod(input_shape), classes=classes, seed=seed)
+  if name == 'proxprop_mlp':
+    return ProxPropMLP(math.prod(input_shape), classes=classes, seed=seed)
+  if name == 'proxprop_convnet':
+    if len(input_shape) != 3:
+      raise ValueError('proxprop_convnet needs images (height, width, '
+                       f'channels), got examples of shape {input_shape}')
+    return ProxPropConvNet(input_shape, classes, seed=seed)
+  raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')

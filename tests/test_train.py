@@ -1,0 +1,211 @@
+"""Smoke tests of examples/train.py on TFDS mock data (no download).
+
+Every model × optimizer trains one short epoch; the data pipeline's splits
+and scaling, the metrics file, the plots and the messages for a dataset that
+cannot be had are checked on tiny sizes to fit the CI budget.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+pytest.importorskip('tensorflow_datasets')
+pytest.importorskip('tqdm')
+pytest.importorskip('sklearn')
+pytest.importorskip('matplotlib')
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
+sys.path.insert(0, str(EXAMPLES))
+
+import compare  # noqa: E402
+import input_pipeline  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import models  # noqa: E402
+import optax  # noqa: E402
+import train  # noqa: E402
+
+import sibp_jax  # noqa: E402
+
+# 24 mock examples per split: 4 held out for validation, 8 trained on in
+# 2 steps of 4; small enough for every model × optimizer within the budget.
+TINY = dict(dataset='mnist', mock_data=24, train_examples=8, batch_size=4,
+            epochs=1, eval_batch_size=16, progress=False)
+HISTORY_KEYS = {'epoch', 'train_loss', 'train_accuracy', 'val_loss',
+                'val_accuracy', 'test_loss', 'test_accuracy', 'seconds',
+                'train_examples_per_second'}
+_LAYERWISE = {'sibp', 'sibp_paper', 'sibp_linearized', 'proxbp'}
+
+
+def _conv_support() -> bool:
+  """Whether the library reads nnx.Conv layers as SIBP/ProxBP problems."""
+  model = models.create_model('proxprop_convnet', (8, 8, 1), 10)
+  try:
+    _, _, problems = sibp_jax.nnx.value_grad_and_problems(
+        model, jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32),
+        loss_fn=optax.softmax_cross_entropy_with_integer_labels)
+  except ValueError:
+    return False
+  return len(problems.layers) == 4
+
+
+@pytest.mark.parametrize('optimizer', train.OPTIMIZERS)
+@pytest.mark.parametrize('model', models.MODELS)
+def test_every_model_and_optimizer_trains_one_epoch(tmp_path, model,
+                                                    optimizer):
+  if model == 'proxprop_convnet' and optimizer in _LAYERWISE:
+    # Not only "runs": the conv layers must be SIBP/ProxBP layers, not
+    # parameters that fall back to a plain gradient step.
+    assert _conv_support(), 'nnx.Conv layers are not read as problems'
+  out = tmp_path / 'metrics.json'
+  metrics = train.train_and_evaluate(
+      {**TINY, 'model': model, 'optimizer': optimizer,
+       'metrics_out': str(out)})
+  assert len(metrics['history']) == 1
+  entry = metrics['history'][0]
+  assert set(entry) == HISTORY_KEYS
+  assert entry['epoch'] == 1
+  for key in HISTORY_KEYS:
+    assert entry[key] is not None and math.isfinite(entry[key]), (key, entry)
+  assert entry['seconds'] > 0 and entry['train_examples_per_second'] > 0
+  assert 0 <= entry['train_accuracy'] <= 1
+  assert metrics['config']['learning_rate'] == (
+      train.DEFAULT_LEARNING_RATES[optimizer])
+  assert metrics['data']['train'] == 8
+  assert metrics['data']['steps_per_epoch'] == 2
+  assert json.loads(out.read_text()) == metrics
+
+
+def test_mock_splits_and_scaling():
+  data = input_pipeline.load('mnist', mock_data=30)
+  # A fifth of the 30 training examples is held out (5,000 for real data).
+  assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (24, 6, 30)
+  assert data.input_shape == (28, 28, 1) and data.classes == 10
+  assert data.x_train.dtype.name == 'float32'
+  assert 0 <= data.x_train.min() and data.x_train.max() <= 1
+  cifar = input_pipeline.load('cifar10', mock_data=30, train_examples=10)
+  assert cifar.input_shape == (32, 32, 3)
+  assert len(cifar.x_train) == 10
+  # CIFAR-10 is divided by the training maximum.
+  assert cifar.x_train.max() == pytest.approx(1.0)
+
+
+def test_convnet_adapts_to_cifar_shapes(tmp_path):
+  plot = tmp_path / 'plot.png'
+  metrics = train.main(
+      ['--dataset', 'cifar10', '--mock_data', '12', '--train_examples', '4',
+       '--batch_size', '2', '--epochs', '2', '--model', 'proxprop_convnet',
+       '--optimizer', 'adam', '--eval_batch_size', '8', '--no_progress',
+       '--metrics_out', str(tmp_path / 'm.json'), '--plot_out', str(plot)])
+  assert metrics['data']['input_shape'] == [32, 32, 3]
+  assert [e['epoch'] for e in metrics['history']] == [1, 2]
+  seconds = [e['seconds'] for e in metrics['history']]
+  assert 0 < seconds[0] < seconds[1]  # cumulative
+  assert plot.stat().st_size > 0
+  # The metrics file is replaced atomically: no temporary file is left.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['m.json', 'plot.png']
+
+
+def test_metrics_are_written_after_every_epoch(tmp_path, monkeypatch):
+  written = []
+  original = train.write_json_atomic
+
+  def spy(path, obj):
+    original(path, obj)
+    written.append(json.loads(pathlib.Path(path).read_text()))
+
+  monkeypatch.setattr(train, 'write_json_atomic', spy)
+  train.train_and_evaluate({**TINY, 'optimizer': 'sgd', 'epochs': 3,
+                            'metrics_out': str(tmp_path / 'm.json')})
+  assert [len(w['history']) for w in written] == [1, 2, 3]
+
+
+def test_help_states_default_learning_rates(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(['--help'])
+  assert exit_info.value.code == 0
+  text = ' '.join(capsys.readouterr().out.split())
+  for name in ('sibp 0.1', 'proxbp 1', 'sgd 0.1', 'nesterov 0.05',
+               'adam 0.001'):
+    assert name in text
+
+
+def test_bad_dataset_name_is_a_message(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(['--dataset', 'imagenet'])
+  assert exit_info.value.code == 2
+  assert 'invalid choice' in capsys.readouterr().err
+  with pytest.raises(train.UsageError, match='digits, mnist'):
+    train.train_and_evaluate({'dataset': 'imagenet'})
+
+
+def test_unprepared_dataset_without_tensorflow_is_a_message(tmp_path,
+                                                            monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # import fails
+  bad = tmp_path / 'no_such_dir'
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(['--dataset', 'mnist', '--data_dir', str(bad), '--epochs',
+                '0', '--no_progress'])
+  message = str(exit_info.value.code)
+  assert 'mnist' in message and str(bad) in message
+  assert 'TensorFlow' in message and '--data_dir' in message
+  assert 'Traceback' not in message
+
+
+def test_failed_download_is_a_message(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  def offline(self, *args, **kwargs):
+    raise ConnectionError('no route to the dataset host')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      offline)
+  try:
+    import tensorflow  # noqa: F401  # pylint: disable=import-outside-toplevel
+  except ImportError:  # the check for TensorFlow must pass: a stand-in
+    monkeypatch.setitem(sys.modules, 'tensorflow',
+                        types.ModuleType('tensorflow'))
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(['--dataset', 'fashion_mnist', '--data_dir',
+                str(tmp_path), '--epochs', '0'])
+  message = str(exit_info.value.code)
+  assert 'ConnectionError' in message and '--data_dir' in message
+  assert 'examples/train.py --dataset fashion_mnist' in message
+
+
+def test_the_script_exits_without_a_traceback(tmp_path):
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      [str(EXAMPLES.parent), os.environ.get('PYTHONPATH', '')])}
+  done = subprocess.run(
+      [sys.executable, str(EXAMPLES / 'train.py'), '--dataset', 'mnist',
+       '--train_examples', '0', '--mock_data', '10'],
+      capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert done.returncode == 1
+  assert 'train_examples=0' in done.stderr
+  assert 'Traceback' not in done.stderr
+
+
+def test_compare_labels_and_figure(tmp_path):
+  base = {'dataset': 'mnist', 'model': 'paper_mlp', 'learning_rate': 0.1,
+          'metrics_out': 'a.json'}
+  configs = [{**base, 'optimizer': 'sibp'},
+             {**base, 'optimizer': 'proxbp', 'learning_rate': 1.0,
+              'metrics_out': 'b.json'}]
+  assert compare.labels(configs) == ['sibp learning_rate=0.1',
+                                     'proxbp learning_rate=1.0']
+  paths = []
+  for i, config in enumerate(configs):
+    entry = {'epoch': 1, 'train_loss': 1.0, 'train_accuracy': 0.5,
+             'val_loss': None, 'val_accuracy': 0.4, 'test_loss': 1.2,
+             'test_accuracy': 0.4, 'seconds': 1.5 + i}
+    path = tmp_path / f'{i}.json'
+    path.write_text(json.dumps({'config': config, 'history': [entry]}))
+    paths.append(str(path))
+  out = tmp_path / 'cmp.png'
+  assert compare.main([*paths, '--out', str(out)]) == compare.labels(configs)
+  assert out.stat().st_size > 0
