@@ -29,7 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from models import PaperMLP
 
 import sibp_jax
+
+from models import PaperMLP
 
 LOSS = optax.softmax_cross_entropy_with_integer_labels
 

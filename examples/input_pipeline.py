@@ -18,8 +18,8 @@ When the validation size (default 5,000) is not below a fifth of the
 training split (digits, mock data), a fifth is held out instead.
 
 If a TFDS dataset is not prepared, it is downloaded and prepared (array_record
-format) once, which needs TensorFlow (``pip install ".[examples]"`` brings
-``tensorflow-cpu``) and internet. When that is impossible,
+format) once, which needs TensorFlow (``pip install ".[examples,prepare]"``
+brings ``tensorflow-cpu``) and internet. When that is impossible,
 :class:`DatasetUnavailableError` says what to run or which ``data_dir`` to
 pass.
 """
@@ -89,8 +89,9 @@ def _prepare(builder, name: str, data_dir: str | None) -> None:
     raise _unavailable(
         name, data_dir, 'it is not prepared, and preparing it needs '
         'TensorFlow, which is not installed.',
-        'Install it with `pip install ".[examples]"` (which brings '
-        'tensorflow-cpu), then run the same command again to download and '
+        'Install it with `pip install ".[examples,prepare]"` (which '
+        'brings tensorflow-cpu), then run the same command again to download '
+        'and '
         'prepare it.') from None
   print(f'Downloading and preparing {name} in {builder.data_dir} (once; '
         'without internet this fails after the downloader\'s retries, a few '

@@ -23,7 +23,8 @@ them, which is what ``sibp_jax.nnx.value_grad_and_problems`` reads.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn import datasets, model_selection
+from sklearn import datasets
+from sklearn import model_selection
 from tqdm import tqdm
 
 import sibp_jax

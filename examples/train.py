@@ -17,8 +17,8 @@ The defaults are the SIBP authors' reference run (MNIST, ``paper_mlp``,
 batch 100, 5 epochs, ``η = 0.1``, ``λ_W = λ_b = 1``) with the library's
 default (linearized) SIBP. A TFDS dataset that is not prepared is downloaded
 and prepared on the first run (needs internet and TensorFlow, which
-``pip install ".[examples]"`` installs); training itself reads the prepared
-array_record files without TensorFlow. Without internet, use
+``pip install ".[examples,prepare]"`` installs); training itself reads the
+prepared array_record files without TensorFlow. Without internet, use
 ``--dataset digits`` or ``--data_dir`` of a prepared copy.
 
 Optimizers (default learning rate when ``--learning_rate`` is not given):
@@ -66,19 +66,21 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
-import input_pipeline
 import jax
 import jax.numpy as jnp
-import models
 import optax
-import quickstart
 from flax import nnx
 from tqdm import tqdm
 
 import sibp_jax
+
+import input_pipeline
+import models
+import quickstart
 
 LOSS = optax.softmax_cross_entropy_with_integer_labels
 

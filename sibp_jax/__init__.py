@@ -1,4 +1,4 @@
-"""sibp_jax: semi-implicit back propagation for Flax, as optax transformations."""
+"""sibp_jax: semi-implicit back propagation for Flax, as optax transforms."""
 
 from sibp_jax import linen
 from sibp_jax import nnx

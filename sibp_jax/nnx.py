@@ -1,4 +1,4 @@
-"""flax.nnx adapter: layer-wise problems from one forward pass of an nnx model."""
+"""flax.nnx adapter: layer-wise problems from one forward pass."""
 
 from sibp_jax._src.flax_nnx import value_grad_and_problems
 

@@ -10,8 +10,14 @@ import pytest
 from flax import nnx
 
 import sibp_jax
-from _models import MLP, LinenMLP, TRANSFORMS, classification, pure
-from _models import step_inputs, xent
+
+from _models import MLP
+from _models import TRANSFORMS
+from _models import LinenMLP
+from _models import classification
+from _models import pure
+from _models import step_inputs
+from _models import xent
 
 
 def test_records_inputs_outputs_and_paths():
@@ -19,7 +25,7 @@ def test_records_inputs_outputs_and_paths():
   x, y = classification()
   loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
       model, x, y, loss_fn=xent)
-  assert [l.kernel_path for l in problems.layers] == [
+  assert [layer.kernel_path for layer in problems.layers] == [
       ('layers', i, 'kernel') for i in range(3)]
   f = x
   for layer, linear in zip(problems.layers, model.layers):
@@ -79,8 +85,8 @@ def test_sequential_and_other_activations_with_flatten():
 
 def _linen_params_from(model):
   return {
-      f'dense_{i}': {'kernel': l.kernel[...], 'bias': l.bias[...]}
-      for i, l in enumerate(model.layers[:-1])} | {
+      f'dense_{i}': {'kernel': layer.kernel[...], 'bias': layer.bias[...]}
+      for i, layer in enumerate(model.layers[:-1])} | {
           'out': {'kernel': model.layers[-1].kernel[...],
                   'bias': model.layers[-1].bias[...]}}
 

@@ -9,8 +9,17 @@ import pytest
 from flax import nnx
 
 import sibp_jax
-from _models import ARCHS, MLP, TRANSFORMS, arch_data, arch_model, find_info
-from _models import mse, pure, step_inputs, xent
+
+from _models import ARCHS
+from _models import MLP
+from _models import TRANSFORMS
+from _models import arch_data
+from _models import arch_model
+from _models import find_info
+from _models import mse
+from _models import pure
+from _models import step_inputs
+from _models import xent
 
 NAMES = sorted(TRANSFORMS)
 

@@ -10,7 +10,10 @@ import pytest
 from flax import nnx
 
 import sibp_jax
-from _models import pure, step_inputs, xent
+
+from _models import pure
+from _models import step_inputs
+from _models import xent
 
 CONFIGS = [
     # window, strides, padding, dilation

@@ -7,7 +7,10 @@ import re
 import pytest
 
 import sibp_jax
-from sibp_jax._src import alias, flax_linen, flax_nnx, transform
+from sibp_jax._src import alias
+from sibp_jax._src import flax_linen
+from sibp_jax._src import flax_nnx
+from sibp_jax._src import transform
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()

@@ -8,7 +8,12 @@ import pytest
 from flax import nnx
 
 import sibp_jax
-from _models import MLP, classification, mse, pure, regression, step_inputs
+
+from _models import MLP
+from _models import classification
+from _models import mse
+from _models import regression
+from _models import step_inputs
 
 
 def _cosine(a, b):
@@ -38,7 +43,7 @@ def test_proxbp_small_tau_hands_on_tau_times_gradient(solver):
     tx = sibp_jax.scale_by_proxbp(tau, solver=solver)
     direction, _ = tx.update(grads, tx.init(params), params,
                              problems=problems)
-    scaled = jax.tree.map(lambda d: d / tau, direction)
+    scaled = jax.tree.map(lambda d, tau=tau: d / tau, direction)
     errors.append(max(float(jnp.abs(s - g).max()) for s, g in zip(
         jax.tree.leaves(scaled), jax.tree.leaves(grads))))
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
@@ -62,7 +67,7 @@ def test_sibp_linearized_large_lambda_is_an_sgd_step():
     tx = sibp_jax.sibp(eta, lambda_w=lam, lambda_b=lam)
     updates, _ = tx.update(grads, tx.init(params), params,
                            problems=problems)
-    sgd = jax.tree.map(lambda g: -eta * batch / lam * g, grads)
+    sgd = jax.tree.map(lambda g, lam=lam: -eta * batch / lam * g, grads)
     errors.append(max(float(jnp.abs(u - s).max() / jnp.abs(s).max())
                       for u, s in zip(jax.tree.leaves(updates),
                                       jax.tree.leaves(sgd))))

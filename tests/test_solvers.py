@@ -192,5 +192,6 @@ def test_ridge_vmaps_over_problems():
   batched, _ = jax.vmap(sibp_jax.Ridge().solve)(stacked)
   for i, p in enumerate(ps):
     single, _ = sibp_jax.Ridge().solve(p)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], batched), single,
+    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], batched),
+                                single,
                                 rtol=1e-5, atol=1e-6)

@@ -23,14 +23,15 @@ pytest.importorskip('matplotlib')
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
 sys.path.insert(0, str(EXAMPLES))
 
-import compare  # noqa: E402
-import input_pipeline  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import models  # noqa: E402
 import optax  # noqa: E402
-import train  # noqa: E402
 
 import sibp_jax  # noqa: E402
+
+import compare  # noqa: E402
+import input_pipeline  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
 
 # 24 mock examples per split: 4 held out for validation, 8 trained on in
 # 2 steps of 4; small enough for every model × optimizer within the budget.

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -214,6 +215,57 @@ def check_batch(x, y, logits=None, losses=None) -> None:
         'optax.softmax_cross_entropy_with_integer_labels.')
 
 
-def output_error(loss_fn, logits, y):
-  """``e = ∂ℓ_b/∂z_b`` per example (the batch-summed loss's gradient)."""
-  return jax.grad(lambda z: jnp.sum(loss_fn(z, y)))(logits)
+def output_error(loss_fn, logits, y, loss):
+  """``e = ∂ℓ_b/∂z_b`` per example (the batch-summed loss's gradient).
+
+  The error is made NaN, so that the transformation flags and skips the
+  step, when the batch cannot be trusted: the mean ``loss`` is not finite
+  (an infinite loss can have a finite gradient), or integer labels with one
+  axis fewer than the logits (class indices) fall outside
+  ``[0, classes)``, where optax's integer-label losses return a finite but
+  meaningless value.
+  """
+  e = jax.grad(lambda z: jnp.sum(loss_fn(z, y)))(logits)
+  valid = jnp.isfinite(loss)
+  if (jnp.issubdtype(jnp.result_type(y), jnp.integer) and
+      jnp.ndim(logits) == jnp.ndim(y) + 1):
+    valid &= jnp.all((y >= 0) & (y < jnp.shape(logits)[-1]))
+  return jnp.where(valid, e, jnp.nan)
+
+
+class Forward:
+  """One recorded forward pass, shared by the Flax adapters.
+
+  ``loss(run)`` is the mean loss of ``run()`` (the model applied to ``x``
+  under the adapter's interception), returning the layers' inputs and
+  outputs as auxiliary values so that they leave the gradient transform as
+  plain arrays; ``problems(...)`` then assembles :class:`Problems`.
+  """
+
+  def __init__(self, x, y, loss_fn):
+    self.x, self.y, self.loss_fn = x, y, loss_fn
+    check_batch(x, y)
+    self.records: list[Record] = []
+    self.is_last = False
+
+  def loss(self, run):
+    tape = Tape()
+    with tape.active():
+      logits = run()
+    losses = self.loss_fn(logits, self.y)
+    check_batch(self.x, self.y, logits, losses)
+    self.records = tape.records
+    self.is_last = bool(tape.records) and logits is tape.records[-1].outputs
+    return jnp.mean(losses), ([r.inputs for r in tape.records],
+                              [r.outputs for r in tape.records])
+
+  def problems(self, loss, aux, *, runner, data, prefix: Path = (),
+               check: bool = True):
+    inputs, outputs = aux
+    records = [dataclasses.replace(r, inputs=i, outputs=o)
+               for r, i, o in zip(self.records, inputs, outputs)]
+    logits = records[-1].outputs if records and self.is_last else None
+    error = (None if logits is None else
+             output_error(self.loss_fn, logits, self.y, loss))
+    return build_problems(records, error, logits, runner=runner, data=data,
+                          x=self.x, prefix=prefix, check=check)

@@ -92,36 +92,22 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *, loss_fn,
     ...                                problems=problems)
     >>> params = optax.apply_updates(params, updates)
   """
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  capture.check_batch(x, y)
+  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
   as_variables = _is_variables(params)
-  prefix = ('params',) if as_variables else ()
-  found = {}
 
   def mean_loss(p):
     variables = p if as_variables else {'params': p}
-    tape = capture.Tape()
-    with tape.active(), nn.intercept_methods(_interceptor):
-      logits = module.apply(variables, x)
-    losses = loss_fn(logits, y)
-    capture.check_batch(x, y, logits, losses)
-    found['records'] = tape.records
-    found['is_last'] = bool(tape.records) and (
-        logits is tape.records[-1].outputs)
-    return jnp.mean(losses), ([r.inputs for r in tape.records],
-                              [r.outputs for r in tape.records])
 
-  (loss, (inputs, outputs)), grads = jax.value_and_grad(
-      mean_loss, has_aux=True)(params)
-  records = [dataclasses.replace(r, inputs=i, outputs=o)
-             for r, i, o in zip(found['records'], inputs, outputs)]
-  logits = records[-1].outputs if records and found['is_last'] else None
-  problems = capture.build_problems(
-      records, capture.output_error(loss_fn, logits, y)
-      if logits is not None else None,
-      logits, runner=_Runner(module),
-      data=params if as_variables else {'params': params}, x=x,
-      prefix=prefix, check=check_chain)
+    def run():
+      with nn.intercept_methods(_interceptor):
+        return module.apply(variables, forward.x)
+    return forward.loss(run)
+
+  (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+  problems = forward.problems(
+      loss, aux, runner=_Runner(module),
+      data=params if as_variables else {'params': params},
+      prefix=('params',) if as_variables else (), check=check_chain)
   return loss, grads, problems
 
 
@@ -151,7 +137,7 @@ class TrainState(train_state.TrainState):
   """
 
   def apply_gradients(self, *, grads, **kwargs: Any):
-    """Applies one update; ``kwargs`` go to ``tx.update`` (e.g. ``problems``)."""
+    """One update; ``kwargs`` (e.g. ``problems``) go to ``tx.update``."""
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
                                         **kwargs)
     return self.replace(step=self.step + 1,

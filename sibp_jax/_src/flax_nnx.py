@@ -7,7 +7,6 @@ import dataclasses
 import threading
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -78,12 +77,13 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``model(x)`` once, recording the input ``f_{i-1}`` and output
-  ``g_i`` of every ``nnx.Linear`` and ``nnx.Conv`` it applies, and differentiates the mean
-  loss ``J = mean_b loss_fn(model(x), y)_b`` with respect to the model's
-  ``nnx.Param`` variables. The layers must be applied one after another
-  with parameter-free code between them (elementwise activations, pooling,
-  reshape/flatten) and the model's output must be the last layer's output;
-  anything else is a ``ValueError`` naming the layer.
+  ``g_i`` of every ``nnx.Linear`` and ``nnx.Conv`` it applies, and
+  differentiates the mean loss ``J = mean_b loss_fn(model(x), y)_b`` with
+  respect to the model's ``nnx.Param`` variables. The layers must be
+  applied one after another with parameter-free code between them
+  (elementwise activations, pooling, reshape/flatten) and the model's
+  output must be the last layer's output; anything else is a
+  ``ValueError`` naming the layer.
 
   Args:
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
@@ -110,34 +110,16 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     >>> [layer.inputs.shape for layer in problems.layers]
     [(5, 4), (5, 8)]
   """
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  capture.check_batch(x, y)
-  found = {}
+  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
 
   def mean_loss(model):
-    tape = capture.Tape()
-    with tape.active(), _intercept(model):
-      logits = model(x)
-    losses = loss_fn(logits, y)
-    capture.check_batch(x, y, logits, losses)
-    found['records'] = tape.records
-    found['is_last'] = bool(tape.records) and (
-        logits is tape.records[-1].outputs)
-    return jnp.mean(losses), ([r.inputs for r in tape.records],
-                              [r.outputs for r in tape.records], logits)
+    def run():
+      with _intercept(model):
+        return model(forward.x)
+    return forward.loss(run)
 
-  (loss, (inputs, outputs, logits)), grads = nnx.value_and_grad(
-      mean_loss, has_aux=True)(model)
-  records = [dataclasses.replace(r, inputs=i, outputs=o)
-             for r, i, o in zip(found['records'], inputs, outputs)]
-  if not found['is_last']:
-    logits = None  # makes build_problems report what is wrong
-  elif records:
-    logits = records[-1].outputs
+  (loss, aux), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
   graphdef, state = nnx.split(model)
-  problems = capture.build_problems(
-      records, capture.output_error(loss_fn, outputs[-1] if outputs else None,
-                                    y) if records else None,
-      logits, runner=_Runner(graphdef), data=nnx.as_pure(state), x=x,
-      check=check_chain)
+  problems = forward.problems(loss, aux, runner=_Runner(graphdef),
+                              data=nnx.as_pure(state), check=check_chain)
   return loss, grads, problems

@@ -16,7 +16,8 @@ parameters live in the parameter tree, and the per-example output error
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -60,7 +61,7 @@ class Dense:
     return outputs.reshape(-1, outputs.shape[-1])
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
-    """Raises ``ValueError`` if the recorded arrays do not fit the parameters."""
+    """Raises ``ValueError`` if the recorded arrays do not fit the params."""
     if len(kernel_shape) != 2:
       raise ValueError(f'layer {name}: a Dense kernel must be 2-D, got shape '
                        f'{tuple(kernel_shape)}')

@@ -20,7 +20,8 @@ steps. :class:`NonlinearCG` minimizes the SIBP paper variant's nonlinear fit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,8 @@ from jax.scipy import linalg as jsl
 from sibp_jax._src import problems as problems_lib
 
 PRECISION = problems_lib.PRECISION
+# Relative floor on the proximal weights of exact solves: ~10 float32 ulps.
+_LAMBDA_FLOOR = 1e-6
 
 
 class SolveInfo(NamedTuple):
@@ -184,12 +187,18 @@ class Ridge:
     f = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     n, m = f.shape
     n_kernel = m - 1 if fit_bias else m
-    lam = jnp.concatenate([
-        jnp.full((n_kernel,), p.lam_kernel, f.dtype),
-        jnp.full((m - n_kernel,), p.lam_bias, f.dtype)])
-    rhs = jnp.matmul(f.T, r, precision=PRECISION)
     use_cholesky = (self.method == 'cholesky' or
                     (self.method == 'auto' and m <= n))
+    # A proximal weight below float32's resolution of the factor's diagonal
+    # (mean diagonal of FᵀF or FFᵀ) cannot be told from zero, and with
+    # duplicated or all-zero rows the factor is then singular: floor λ
+    # there. It changes nothing for ordinary settings and keeps the step
+    # finite for tiny ones; the residual shows the accuracy reached.
+    floor = _LAMBDA_FLOOR * jnp.vdot(f, f) / (m if use_cholesky else n)
+    lam = jnp.maximum(jnp.concatenate([
+        jnp.full((n_kernel,), p.lam_kernel, f.dtype),
+        jnp.full((m - n_kernel,), p.lam_bias, f.dtype)]), floor)
+    rhs = jnp.matmul(f.T, r, precision=PRECISION)
     if use_cholesky:
       gram = jnp.matmul(f.T, f, precision=PRECISION) + jnp.diag(lam)
       x = jsl.cho_solve(jsl.cho_factor(gram, lower=True), rhs)
@@ -277,9 +286,10 @@ class NonlinearCG:
   ``d = -∇φ + β d_prev`` with ``β = ‖∇φ‖² / ‖∇φ_prev‖²`` (reset to ``-∇φ``
   when it is not a descent direction), a first trial step ``α₀`` chosen so
   that the predicted decrease ``-α₀ ∇φ·d`` is ``initial_decrease`` times
-  ``|φ(x)|`` (the rule presumes a least-squares objective, ``φ ≥ 0``), and accepts the first ``α = α₀ ρʲ``, ``j = 0, 1, …,
-  max_shrinks`` with ``φ(x + α d) ≤ φ(x) + σ α ∇φ·d``. If none is accepted the
-  point is kept, so the objective never increases.
+  ``|φ(x)|`` (the rule presumes a least-squares objective, ``φ ≥ 0``), and
+  accepts the first ``α = α₀ ρʲ``, ``j = 0, 1, …, max_shrinks`` with
+  ``φ(x + α d) ≤ φ(x) + σ α ∇φ·d``. If none is accepted the point is kept,
+  so the objective never increases.
 
   These are the SIBP authors' settings. Their code starts the backtracking at
   ``j = 1``, skipping an acceptable full step ``α₀``; this solver tries
@@ -317,7 +327,7 @@ class NonlinearCG:
                        f'{self.initial_decrease!r}')
 
   def minimize(self, fun, x0):
-    """Returns ``(x, SolveInfo)`` for the scalar function ``fun`` of an array."""
+    """Returns ``(x, SolveInfo)`` for a scalar function ``fun`` of an array."""
     value_and_grad = jax.value_and_grad(fun)
     f0, g0 = value_and_grad(x0)
     gg0 = jnp.vdot(g0, g0)

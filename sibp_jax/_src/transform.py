@@ -15,7 +15,8 @@ solve) returns zeros and sets ``state.info.finite`` to ``False``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,7 +270,8 @@ def scale_by_sibp(
     >>> opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     >>> x, y = jnp.ones((16, 4)), jnp.zeros((16,), jnp.int32)
     >>> loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-    ...     model, x, y, loss_fn=optax.softmax_cross_entropy_with_integer_labels)
+    ...     model, x, y,
+    ...     loss_fn=optax.softmax_cross_entropy_with_integer_labels)
     >>> _ = opt.update(model, grads, problems=problems)
     >>> bool(opt.opt_state[0].info.finite[...])
     True
