@@ -55,6 +55,29 @@ Fashion-MNIST took 10.3 s of updates without it and 2.9 s with it on a busy
 
 ``initial`` holds the same evaluation before the first step (epoch 0).
 Non-finite values are written as ``null``.
+
+Checkpoints and resuming. With ``--checkpoint_dir DIR`` the run saves, with
+orbax, at the end of every epoch: the whole ``nnx.split`` state of model
+and optimizer (parameters, optimizer counts, moments, ``info``), the
+position (epoch and step within it), the settings and the metrics so far.
+Ctrl-C finishes the step under way, saves the state after it (mid-epoch)
+and exits with status 130 and the command that resumes; a second Ctrl-C
+stops at once. ``--resume`` continues from the latest checkpoint in ``DIR``
+at exactly the next step (``--epochs`` may be raised)::
+
+  python examples/train.py --dataset digits --epochs 2 --checkpoint_dir ck
+  python examples/train.py --dataset digits --epochs 4 --checkpoint_dir ck \
+      --resume
+
+The batch order is a pure function of ``(seed, epoch)`` and no other
+randomness enters a step, so on one machine a resumed run ends with
+parameters bitwise equal to an uninterrupted one, and two runs with the
+same seed are bitwise equal (the recorded seconds aside). ``--resume``
+without a checkpoint starts afresh (with a note); a checkpoint written with
+other settings (model, optimizer and its hyperparameters, dataset and its
+sizes, batch size, seed) is refused with a message naming them.
+``--params_out FILE.npz`` writes the final parameters; ``--stop_after_steps
+N`` acts as a Ctrl-C after ``N`` steps of this run (for tests).
 """
 
 from __future__ import annotations
@@ -64,7 +87,11 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -72,6 +99,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
@@ -97,8 +125,36 @@ DEFAULT_LEARNING_RATES = {
 _NEEDS_PROBLEMS = {'sibp', 'sibp_paper', 'sibp_linearized', 'proxbp'}
 
 
+# The settings that decide the trajectory of the parameters: a checkpoint
+# resumes only under the same ones (epochs, paths and the evaluation batch
+# size may change).
+RESUME_SETTINGS = ('dataset', 'model', 'optimizer', 'learning_rate',
+                   'lambda_w', 'lambda_b', 'inner_iterations', 'tau_prox',
+                   'momentum', 'proxbp_solver', 'proxbp_outer', 'batch_size',
+                   'seed', 'train_examples', 'validation_examples',
+                   'mock_data')
+# Exit status of an interrupted run (128 + SIGINT, as a shell reports it).
+INTERRUPTED_STATUS = 130
+_CHECKPOINT_FORMAT = 1
+
+
 class UsageError(ValueError):
   """A setting or a size that cannot work; the message says which."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Training stopped by Ctrl-C (or ``stop_after_steps``) between steps.
+
+  Attributes:
+    checkpoint_step: the global step of the checkpoint that resumes the run,
+      or ``None`` without a ``checkpoint_dir``.
+    message: what happened and how to resume.
+  """
+
+  def __init__(self, message: str, checkpoint_step: int | None):
+    super().__init__(message)
+    self.message = message
+    self.checkpoint_step = checkpoint_step
 
 
 @dataclasses.dataclass
@@ -132,6 +188,12 @@ class Config:
     metrics_out: JSON file rewritten after every epoch.
     plot_out: image of loss and accuracy against epochs and seconds.
     progress: show a progress bar per epoch.
+    checkpoint_dir: orbax checkpoints are written here after every epoch
+      and on Ctrl-C.
+    resume: continue from the latest checkpoint in ``checkpoint_dir``.
+    params_out: ``.npz`` file of the final model parameters.
+    stop_after_steps: for tests, act as a Ctrl-C after this many steps of
+      this run.
   """
 
   dataset: str = 'mnist'
@@ -156,6 +218,10 @@ class Config:
   metrics_out: str | None = None
   plot_out: str | None = None
   progress: bool = True
+  checkpoint_dir: str | None = None
+  resume: bool = False
+  params_out: str | None = None
+  stop_after_steps: int | None = None
 
 
 def _as_config(config: Config | Mapping[str, Any]) -> Config:
@@ -204,6 +270,11 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
     raise UsageError(f'epochs must be >= 0, got {config.epochs}')
   if config.mock_data is not None and config.dataset == 'digits':
     raise UsageError('--mock_data is for the TFDS datasets, not digits')
+  if config.resume and not config.checkpoint_dir:
+    raise UsageError('--resume needs --checkpoint_dir')
+  if config.stop_after_steps is not None and config.stop_after_steps < 1:
+    raise UsageError(f'stop_after_steps must be >= 1, got '
+                     f'{config.stop_after_steps}')
   return config
 
 
@@ -340,6 +411,142 @@ def write_json_atomic(path: str, obj: Any) -> None:
     raise
 
 
+def write_params_npz(path: str, graphdef, state) -> None:
+  """Writes the model's ``nnx.Param`` arrays to ``path`` (``.npz``).
+
+  Keys are the parameters' paths joined by ``/`` (``hidden/kernel``); the
+  file is replaced atomically, as the metrics file.
+  """
+  model = nnx.merge(graphdef, state)[0]
+  flat = jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+  arrays = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+            for path, v in flat}
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.npz', dir=directory)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def checkpoint_manager(directory: str):
+  """An orbax ``CheckpointManager`` on ``directory`` (created if needed).
+
+  Saves are synchronous: the next step donates the state's buffers, and a
+  checkpoint must be on disk when its epoch is reported. The two latest
+  checkpoints are kept. Each holds ``state`` (``nnx.to_pure_dict`` of the
+  ``nnx.split`` state of ``(model, optimizer)``, ``StandardSave``) and
+  ``progress`` (JSON: position, settings, metrics so far).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_checkpoint(manager, state, progress: dict[str, Any]) -> bool:
+  """Saves ``state`` and ``progress`` at ``progress['global_step']``.
+
+  Returns:
+    Whether a checkpoint was written (``False``: that step is saved
+    already, as when Ctrl-C comes right after an epoch's checkpoint).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  step = progress['global_step']
+  if step in manager.all_steps():
+    return False
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+      progress=ocp.args.JsonSave(progress)))
+  manager.wait_until_finished()
+  return True
+
+
+def read_progress(manager, step: int) -> dict[str, Any]:
+  """The JSON ``progress`` of the checkpoint at ``step``."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  return manager.restore(step, args=ocp.args.Composite(
+      progress=ocp.args.JsonRestore())).progress
+
+
+def restore_state(manager, step: int, state):
+  """``state`` (an ``nnx.State``) with the checkpoint's arrays at ``step``.
+
+  ``state`` gives the tree, shapes and dtypes: a checkpoint of another
+  model or optimizer fails here.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          nnx.to_pure_dict(state))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract))).state
+  nnx.replace_by_pure_dict(state, restored)
+  return state
+
+
+def _resume_settings(config: Config) -> dict[str, Any]:
+  return {name: getattr(config, name) for name in RESUME_SETTINGS}
+
+
+def _check_resumable(progress: dict[str, Any], config: Config,
+                     data_sizes: dict[str, Any], directory: str) -> None:
+  """Raises :class:`UsageError` naming what differs from the checkpoint."""
+  if progress.get('format') != _CHECKPOINT_FORMAT:
+    raise UsageError(f'the checkpoint in {directory} has format '
+                     f'{progress.get("format")!r}, this script reads '
+                     f'{_CHECKPOINT_FORMAT}')
+  saved, now = progress['config'], _resume_settings(config)
+  differ = [f'{k} (checkpoint {saved.get(k)!r}, command line {now[k]!r})'
+            for k in RESUME_SETTINGS if saved.get(k) != now[k]]
+  saved_data = progress['metrics']['data']
+  differ += [f'data {k} (checkpoint {saved_data.get(k)!r}, now {v!r})'
+             for k, v in data_sizes.items() if saved_data.get(k) != v]
+  if differ:
+    raise UsageError(
+        f'cannot resume from {directory}: its checkpoint was written with '
+        f'other settings: {"; ".join(differ)}. Pass the checkpoint\'s '
+        'settings, or another --checkpoint_dir to start afresh.')
+
+
+class _InterruptGuard:
+  """Turns the first Ctrl-C into a request to stop between steps.
+
+  A Ctrl-C that lands inside a step would lose the donated state; instead
+  the handler records it and the loop stops before the next step. A second
+  Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread
+  (where signal handlers cannot be set) Ctrl-C is left as it is.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print('\nInterrupted: stopping after the current step '
+          '(Ctrl-C again to stop at once).', file=sys.stderr, flush=True)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+    return False
+
+
 def _evaluate_all(evaluate, state, data_on_device) -> dict[str, float | None]:
   out = {}
   for split, (x, y) in data_on_device.items():
@@ -365,6 +572,10 @@ def _summary(entry: dict[str, Any]) -> str:
 def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   """Trains and evaluates one run; returns (and writes) its metrics.
 
+  With ``config.checkpoint_dir`` the state is checkpointed after every
+  epoch; with ``config.resume`` the run continues from the latest
+  checkpoint there (see the module docstring).
+
   Args:
     config: a :class:`Config` or a dict of its fields.
 
@@ -373,9 +584,13 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
     the module docstring; ``history`` has one entry per epoch.
 
   Raises:
-    UsageError: a setting or a size that cannot work.
+    UsageError: a setting or a size that cannot work, or a checkpoint
+      written with other settings.
     input_pipeline.DatasetUnavailableError: the dataset is not prepared and
       cannot be prepared here (the message says what to do).
+    Interrupted: Ctrl-C (or ``stop_after_steps``) stopped training between
+      two steps, after the state was checkpointed (with a
+      ``checkpoint_dir``); the metrics file holds every finished epoch.
   """
   config = resolve(config)
   try:
@@ -389,6 +604,8 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   if config.batch_size > n_train:
     raise UsageError(f'batch_size={config.batch_size} is larger than the '
                      f'training set ({n_train} examples)')
+  steps = n_train // config.batch_size
+  data_sizes = {**data.sizes(), 'steps_per_epoch': steps}
 
   model = models.create_model(config.model, data.input_shape, data.classes,
                               seed=config.seed)
@@ -396,6 +613,29 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   del model, optimizer
+
+  manager, progress = None, None
+  if config.checkpoint_dir:
+    manager = checkpoint_manager(config.checkpoint_dir)
+    latest = manager.latest_step()
+    if latest is not None and not config.resume:
+      manager.close()
+      raise UsageError(
+          f'{config.checkpoint_dir} holds checkpoints already (latest step '
+          f'{latest}): pass --resume to continue from it, or another '
+          '--checkpoint_dir to start afresh')
+    if config.resume and latest is None:
+      print(f'No checkpoint in {config.checkpoint_dir}: starting afresh.',
+            flush=True)
+    elif config.resume:
+      progress = read_progress(manager, latest)
+      try:
+        _check_resumable(progress, config, data_sizes, config.checkpoint_dir)
+      except UsageError:
+        manager.close()
+        raise
+      state = restore_state(manager, latest, state)
+
   train_step = make_train_step(graphdef, needs_problems)
   evaluate = make_evaluate(graphdef, config.eval_batch_size)
 
@@ -405,23 +645,68 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
       'test': (jnp.asarray(data.x_test), jnp.asarray(data.y_test)),
   }
   xs, ys = on_device['train']
-  steps = n_train // config.batch_size
 
-  metrics: dict[str, Any] = {
-      'config': dataclasses.asdict(config),
-      'data': {**data.sizes(), 'steps_per_epoch': steps},
-      'device': f'{jax.devices()[0].device_kind} ({jax.default_backend()})',
-      'initial': {'epoch': 0, **_evaluate_all(evaluate, state, on_device),
-                  'seconds': 0.0},
-      'history': [],
-  }
+  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
+  if progress is None:
+    metrics: dict[str, Any] = {
+        'config': dataclasses.asdict(config),
+        'data': data_sizes,
+        'device': device,
+        'initial': {'epoch': 0, **_evaluate_all(evaluate, state, on_device),
+                    'seconds': 0.0},
+        'history': [],
+    }
+    # Where the next step starts: epochs done, steps done in the next one,
+    # and the sums of that epoch's steps so far.
+    done_epochs, done_steps = 0, 0
+    seconds = epoch_seconds = loss_sum = acc_sum = 0.0
+  else:
+    metrics = {**progress['metrics'], 'config': dataclasses.asdict(config),
+               'device': device}
+    done_epochs, done_steps = progress['epoch'], progress['step']
+    seconds, epoch_seconds = progress['seconds'], progress['epoch_seconds']
+    loss_sum, acc_sum = progress['loss_sum'], progress['acc_sum']
   print(f'{config.dataset}: {n_train} train / {len(data.x_val)} validation / '
         f'{len(data.x_test)} test, {config.model}, {config.optimizer} '
         f'(learning rate {config.learning_rate:g}), batch '
         f'{config.batch_size}, {metrics["device"]}', flush=True)
   print(_summary(metrics['initial']), flush=True)
+  for entry in metrics['history']:
+    print(_summary(entry), flush=True)
+  if progress is not None:
+    print(f'Resumed from {config.checkpoint_dir} (step '
+          f'{progress["global_step"]}: epoch {done_epochs + 1}, step '
+          f'{done_steps} of {steps} done).', flush=True)
+    if done_epochs >= config.epochs:
+      print(f'The checkpoint has {done_epochs} epochs done, --epochs is '
+            f'{config.epochs}: nothing to train.', flush=True)
 
-  if config.epochs:
+  def progress_at(epoch_steps_done: int) -> dict[str, Any]:
+    # The checkpoint's JSON: everything besides the state that the next
+    # step depends on (the batch order is a function of seed and epoch).
+    return {'format': _CHECKPOINT_FORMAT,
+            'global_step': done_epochs * steps + epoch_steps_done,
+            'epoch': done_epochs, 'step': epoch_steps_done,
+            'seconds': seconds, 'epoch_seconds': epoch_seconds,
+            'loss_sum': loss_sum, 'acc_sum': acc_sum,
+            'config': _resume_settings(config), 'metrics': metrics}
+
+  def interrupted(epoch_steps_done: int) -> Interrupted:
+    where = (f'epoch {done_epochs + 1} after step {epoch_steps_done} of '
+             f'{steps}' if epoch_steps_done else
+             f'epoch {done_epochs + 1} before its first step')
+    if manager is None:
+      return Interrupted(f'Interrupted in {where}; no --checkpoint_dir, so '
+                         'the run cannot be resumed.', None)
+    saved = progress_at(epoch_steps_done)
+    save_checkpoint(manager, state, saved)
+    return Interrupted(
+        f'Interrupted in {where}; checkpoint saved in '
+        f'{config.checkpoint_dir} (step {saved["global_step"]}). Run the '
+        'same command with --resume to continue from the next step.',
+        saved['global_step'])
+
+  if done_epochs < config.epochs:
     # Compile the step on a throwaway copy of the state (twice: the first
     # step's output may differ from the initial state in weak types), so
     # that the timed steps exclude compilation and the run starts untouched.
@@ -433,38 +718,63 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
     jax.block_until_ready(warm)
     del warm
 
-  seconds = 0.0
-  for epoch in range(1, config.epochs + 1):
-    batches = quickstart.epoch_batches(n_train, config.batch_size,
-                                       config.seed, epoch - 1)
-    bar = tqdm(total=steps, desc=f'epoch {epoch}/{config.epochs}',
-               unit='step', disable=not config.progress, leave=False)
-    epoch_seconds, loss_sum, acc_sum = 0.0, 0.0, 0.0
-    for i, idx in enumerate(batches, 1):
-      xb, yb = jax.block_until_ready((xs[idx], ys[idx]))
-      start = time.perf_counter()
-      state, loss, accuracy = train_step(state, xb, yb)
-      jax.block_until_ready(state)
-      epoch_seconds += time.perf_counter() - start
-      loss_sum += float(loss)
-      acc_sum += float(accuracy)
-      bar.set_postfix(loss=f'{loss_sum / i:.4f}', acc=f'{acc_sum / i:.4f}',
-                      ex_per_s=f'{i * config.batch_size / epoch_seconds:.0f}',
-                      refresh=False)
-      bar.update()
-    bar.close()
-    seconds += epoch_seconds
-    entry = {'epoch': epoch, **_evaluate_all(evaluate, state, on_device),
-             'seconds': seconds,
-             'train_examples_per_second': (
-                 steps * config.batch_size / epoch_seconds)}
-    metrics['history'].append(entry)
-    print(_summary(entry), flush=True)
-    if config.metrics_out:
-      write_json_atomic(config.metrics_out, metrics)
-
-  if config.metrics_out and not config.epochs:
+  run_steps = run_epochs = 0
+  try:
+    with _InterruptGuard() as guard:
+      while done_epochs < config.epochs:
+        epoch = done_epochs + 1
+        batches = quickstart.epoch_batches(n_train, config.batch_size,
+                                           config.seed, done_epochs)
+        bar = tqdm(total=steps, initial=done_steps,
+                   desc=f'epoch {epoch}/{config.epochs}', unit='step',
+                   disable=not config.progress, leave=False)
+        for i in range(done_steps, steps):
+          if guard.requested:
+            bar.close()
+            raise interrupted(i)
+          idx = batches[i]
+          xb, yb = jax.block_until_ready((xs[idx], ys[idx]))
+          start = time.perf_counter()
+          state, loss, accuracy = train_step(state, xb, yb)
+          jax.block_until_ready(state)
+          epoch_seconds += time.perf_counter() - start
+          loss_sum += float(loss)
+          acc_sum += float(accuracy)
+          run_steps += 1
+          if run_steps == config.stop_after_steps:
+            guard.requested = True  # as a Ctrl-C: stop before the next step
+          # The sums and seconds cover this epoch's steps 1..i+1, some of
+          # which may have run before a resume.
+          bar.set_postfix(
+              loss=f'{loss_sum / (i + 1):.4f}',
+              acc=f'{acc_sum / (i + 1):.4f}',
+              ex_per_s=f'{(i + 1) * config.batch_size / epoch_seconds:.0f}',
+              refresh=False)
+          bar.update()
+        bar.close()
+        seconds += epoch_seconds
+        entry = {'epoch': epoch, **_evaluate_all(evaluate, state, on_device),
+                 'seconds': seconds,
+                 'train_examples_per_second': (
+                     steps * config.batch_size / epoch_seconds)}
+        metrics['history'].append(entry)
+        done_epochs, done_steps = epoch, 0
+        run_epochs += 1
+        epoch_seconds = loss_sum = acc_sum = 0.0
+        print(_summary(entry), flush=True)
+        if config.metrics_out:
+          write_json_atomic(config.metrics_out, metrics)
+        if manager is not None:
+          save_checkpoint(manager, state, progress_at(0))
+        if guard.requested and done_epochs < config.epochs:
+          raise interrupted(0)
+  finally:
+    if manager is not None:
+      manager.close()
+  if config.metrics_out and not run_epochs:
     write_json_atomic(config.metrics_out, metrics)
+  if config.params_out:
+    write_params_npz(config.params_out, graphdef, state)
   if config.plot_out:
     import compare  # pylint: disable=import-outside-toplevel
     compare.plot([(config.optimizer, metrics)], config.plot_out)
@@ -520,6 +830,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
       help='train on tfds.testing.mock_data with N examples per split')
   add('--no_progress', dest='progress', action='store_false',
       help='hide the progress bars')
+  add('--checkpoint_dir', metavar='DIR', default=None,
+      help='orbax checkpoints of model and optimizer, written after every '
+      'epoch and on Ctrl-C')
+  add('--resume', action='store_true',
+      help='continue from the latest checkpoint in --checkpoint_dir (same '
+      'settings; --epochs may be raised)')
+  add('--params_out', metavar='FILE.npz', default=None,
+      help='the final model parameters')
+  add('--stop_after_steps', metavar='N', type=int, default=None,
+      help='testing: act as a Ctrl-C after N steps of this run')
   args = parser.parse_args(argv)
   return Config(**vars(args))
 
@@ -527,20 +847,47 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs :func:`train_and_evaluate` from the command line.
 
-  A setting that cannot work or a dataset that cannot be had ends the
-  program with a message (``SystemExit``), not a traceback.
+  A setting that cannot work, a dataset that cannot be had or Ctrl-C ends
+  the program with a message (``SystemExit``), not a traceback.
 
   Args:
     argv: arguments without the program name (default ``sys.argv[1:]``).
 
   Returns:
     The metrics of :func:`train_and_evaluate`.
+
+  Raises:
+    SystemExit: with a message for an unusable setting or dataset; with
+      status 130 (:data:`INTERRUPTED_STATUS`) after Ctrl-C, having printed
+      the command that resumes.
   """
   config = parse_args(argv)
   try:
     return train_and_evaluate(config)
   except (UsageError, input_pipeline.DatasetUnavailableError) as e:
     raise SystemExit(f'train.py: error: {e}') from None
+  except Interrupted as e:
+    message = e.message
+    if e.checkpoint_step is not None:
+      args = list(sys.argv[1:] if argv is None else argv)
+      args = [a for a in args if a != '--resume']
+      i = 0  # the test hook would stop the resumed run too: drop it
+      while i < len(args):
+        if args[i] == '--stop_after_steps':
+          del args[i:i + 2]
+        elif args[i].startswith('--stop_after_steps='):
+          del args[i]
+        else:
+          i += 1
+      message += '\n  ' + shlex.join(['python', 'examples/train.py', *args,
+                                       '--resume'])
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(INTERRUPTED_STATUS) from None
+  except KeyboardInterrupt:  # before training, or a second Ctrl-C
+    print('Interrupted at once: no checkpoint was written now (--resume '
+          'continues from the last epoch\'s, if any).', file=sys.stderr,
+          flush=True)
+    raise SystemExit(INTERRUPTED_STATUS) from None
 
 
 if __name__ == '__main__':
