@@ -185,7 +185,7 @@ def test_bfloat16_solves_run_in_float32(name):
 # --- properties over random shapes -------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(rows=st.integers(1, 24), cols=st.integers(1, 24),
        d_out=st.integers(1, 4), log_lam=st.floats(-3, 2),
        seed=st.integers(0, 2**16))
@@ -213,7 +213,7 @@ def test_property_ridge_matches_numpy(rows, cols, d_out, log_lam, seed):
     np.testing.assert_allclose(got, ref, atol=tol)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(batch=st.integers(1, 6), sizes=st.lists(st.integers(1, 7), min_size=2,
                                                max_size=4),
        seed=st.integers(0, 2**16))

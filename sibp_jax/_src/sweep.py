@@ -50,8 +50,13 @@ def _sum_info(*infos):
                            jnp.max(jnp.stack([i.residual for i in infos])))
 
 
-def _add(x, dx):
-  return x if dx is None else x + dx
+def _ridge_update(solver, layer, kernel, bias, residual, lam_kernel,
+                  lam_bias) -> LayerUpdate:
+  """Kernel and bias jointly from the ridge problem with target ``g + R``."""
+  (dk, db), info = solver.solve(solvers.RidgeProblem(
+      layer.kind, layer.inputs, residual, kernel.shape,
+      None if bias is None else bias.shape, lam_kernel, lam_bias))
+  return LayerUpdate(kernel + dk, None if bias is None else bias + db, info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +75,9 @@ class LinearizedRule:
 
   def __call__(self, layer, kernel, bias, e_f, e_g):
     del e_f
-    problem = solvers.RidgeProblem(
-        layer.kind, layer.inputs, -self.learning_rate * e_g, kernel.shape,
-        None if bias is None else bias.shape, self.lam_kernel, self.lam_bias)
-    (dk, db), info = self.solver.solve(problem)
-    return LayerUpdate(kernel + dk, _add(bias, db), info)
+    return _ridge_update(self.solver, layer, kernel, bias,
+                         -self.learning_rate * e_g, self.lam_kernel,
+                         self.lam_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +98,8 @@ class ProxRule:
   def __call__(self, layer, kernel, bias, e_f, e_g):
     del e_f
     lam = 1.0 / jnp.asarray(self.tau_prox, e_g.dtype)
-    problem = solvers.RidgeProblem(
-        layer.kind, layer.inputs, -e_g / self.batch_size, kernel.shape,
-        None if bias is None else bias.shape, lam, lam)
-    (dk, db), info = self.solver.solve(problem)
-    return LayerUpdate(kernel + dk, _add(bias, db), info)
+    return _ridge_update(self.solver, layer, kernel, bias,
+                         -e_g / self.batch_size, lam, lam)
 
 
 @dataclasses.dataclass(frozen=True)
