@@ -149,20 +149,29 @@ class PaperRule:
     activation = layer.segment(layer.outputs)
     target = activation - eta * e_f.astype(activation.dtype)
 
-    def misfit(k, b):
-      fit = layer.segment(layer.kind.apply(k, b, layer.inputs)) - target
+    def misfit(pre_activation):
+      fit = layer.segment(pre_activation) - target
       return jnp.vdot(fit, fit)
 
+    def proximal(x, old, lam):
+      return lam * jnp.vdot(x - old, x - old)
+
+    def product(k):
+      return layer.kind.apply(k, None, layer.inputs)
+
+    # The kernel's fit sees it through the layer's linear map, which the
+    # solver applies once per iteration (not once per line-search trial);
+    # the bias's fit then reuses the one product with the new kernel.
     old_kernel = kernel
     kernel, info_k = self.inner.minimize(
-        lambda k: misfit(k, bias) + self.lam_kernel * jnp.vdot(
-            k - old_kernel, k - old_kernel), kernel)
+        lambda y, k: misfit(y if bias is None else y + bias) +
+        proximal(k, old_kernel, self.lam_kernel), kernel, linear=product)
     if bias is None:
       return LayerUpdate(kernel, None, info_k)
-    old_bias = bias
+    base, old_bias = product(kernel), bias
     bias, info_b = self.inner.minimize(
-        lambda b: misfit(kernel, b) + self.lam_bias * jnp.vdot(
-            b - old_bias, b - old_bias), bias)
+        lambda b: misfit(base + b) + proximal(b, old_bias, self.lam_bias),
+        bias)
     return LayerUpdate(kernel, bias, _sum_info(info_k, info_b))
 
 
