@@ -77,13 +77,16 @@ def run_name(method: str, lr: float, seed: int) -> str:
 
 def run_all(setting: str, *, dataset: str, data_dir: str | None,
             out_dir: str, seeds: Sequence[int], methods: Sequence[str],
-            epochs: int | None, train_examples: int | None) -> list[str]:
+            epochs: int | None, train_examples: int | None,
+            middle_rate_only: bool = False) -> list[str]:
   """Runs the grid; returns the metrics files (existing ones are kept)."""
   grid = GRIDS[setting]
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for method in methods:
     optimizer, extra, rates = grid['methods'][method]
+    if middle_rate_only:
+      rates = [rates[len(rates) // 2]]
     for lr in rates:
       for seed in seeds:
         path = os.path.join(out_dir, run_name(method, lr, seed) + '.json')
@@ -148,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument('--epochs', type=int, default=None,
                       help="override the setting's epochs")
   parser.add_argument('--train_examples', type=int, default=None)
+  parser.add_argument('--middle_rate_only', action='store_true',
+                      help="only each grid's middle learning rate (the "
+                      "papers' setting), for settings too costly to tune")
   parser.add_argument('--plot_out', default=None)
   args = parser.parse_args(argv)
   methods = (args.methods.split(',') if args.methods else
@@ -157,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                     data_dir=args.data_dir, out_dir=args.out_dir,
                     seeds=[int(s) for s in args.seeds.split(',')],
                     methods=methods, epochs=args.epochs,
-                    train_examples=args.train_examples)
+                    train_examples=args.train_examples,
+                    middle_rate_only=args.middle_rate_only)
   except Exception as e:  # the training script's own clear errors
     if type(e).__name__ in ('UsageError', 'DatasetUnavailableError'):
       sys.exit(f'reproduce.py: error: {e}')
