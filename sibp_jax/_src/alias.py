@@ -17,6 +17,7 @@ def sibp(
     lambda_w: jax.typing.ArrayLike = 1.0,
     lambda_b: jax.typing.ArrayLike = 1.0,
     solver: Any = None,
+    last_layer_solver: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Semi-implicit back propagation (Liu & Zhang, 2020) as an optimizer.
 
@@ -46,6 +47,7 @@ def sibp(
       batch; default 1).
     lambda_b: ``λ_b`` (> 0; default 1).
     solver: see :func:`scale_by_sibp`.
+    last_layer_solver: ``'paper'`` only, see :func:`scale_by_sibp`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -76,7 +78,8 @@ def sibp(
   return optax.chain(
       transform.scale_by_sibp(learning_rate, variant=variant,
                               lambda_w=lambda_w, lambda_b=lambda_b,
-                              solver=solver),
+                              solver=solver,
+                              last_layer_solver=last_layer_solver),
       optax.scale_by_learning_rate(learning_rate))
 
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sibp_jax._src import sharding
+
 PathKey = str | int
 Path = tuple[PathKey, ...]
 
@@ -54,11 +56,11 @@ class Dense:
     empty for a dense layer) is unused.
     """
     del window
-    return inputs.reshape(-1, inputs.shape[-1])
+    return sharding.reshape_rows(inputs, (-1, inputs.shape[-1]))
 
   def output_rows(self, outputs):
     """Outputs as the ``(rows, d_out)`` right-hand side of ``design``."""
-    return outputs.reshape(-1, outputs.shape[-1])
+    return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     """Raises ``ValueError`` if the recorded arrays do not fit the params."""
@@ -125,11 +127,11 @@ class Conv:
     channels = inputs.shape[-1]
     # The patches come channel-major ((in, spatial...)); kernels are laid out
     # spatial-major ((spatial..., in)): reorder once here.
-    cols = cols.reshape(-1, channels, int(np.prod(window)))
+    cols = sharding.reshape_rows(cols, (-1, channels, int(np.prod(window))))
     return jnp.swapaxes(cols, 1, 2).reshape(cols.shape[0], -1)
 
   def output_rows(self, outputs):
-    return outputs.reshape(-1, outputs.shape[-1])
+    return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     nd = len(self.strides)

@@ -29,6 +29,7 @@ import numpy as np
 from jax.scipy import linalg as jsl
 
 from sibp_jax._src import problems as problems_lib
+from sibp_jax._src import sharding
 
 PRECISION = problems_lib.PRECISION
 # Relative floor on the proximal weights of exact solves: ~10 float32 ulps.
@@ -93,7 +94,9 @@ class RidgeProblem:
     if dk is not None:
       out = self.kind.apply(dk, None, self.inputs)
     if db is not None:
-      out = out + jnp.broadcast_to(db, self.residual.shape)
+      # Broadcast against an array shaped and sharded like the residual: a
+      # replicated broadcast_to would gather a batch sharded over devices.
+      out = (jnp.zeros_like(self.residual) if dk is None else out) + db
     return out
 
   def zeros(self):
@@ -148,8 +151,24 @@ class Ridge:
   solve is handed to ``fallback``, matrix-free conjugate gradient through
   the layer and its transpose, chosen from the static shapes.
 
+  **Data parallel.** With the batch sharded over devices, ``FᵀF`` and
+  ``FᵀR`` are sums over the rows: every device multiplies its own rows and
+  one all-reduce of the ``m × m`` and ``m × d_out`` results follows, traffic
+  that does not grow with the batch. The batch-space matrix
+  ``I_n + FΛ⁻¹Fᵀ`` pairs every example with every other, so forming it
+  would gather the whole design matrix (``n × m``) onto every device.
+  ``'auto'`` therefore takes Cholesky whenever the rows are sharded in the
+  arrays' type, i.e. under explicit sharding (mesh axes of type
+  ``jax.sharding.AxisType.Explicit``, the default of ``jax.make_mesh``),
+  and falls back to CG only if ``m`` exceeds ``max_factor``. Under
+  automatic (GSPMD) sharding a traced type does not say how the batch is
+  split: pass ``Ridge('cholesky')`` there (and, for the paper variant,
+  ``last_layer_solver=Ridge('cholesky')``). Each device then factors the
+  ``m × m`` matrix, ``O(m³)``, where one device would have factored
+  ``n × n``.
+
   Attributes:
-    method: ``'auto'`` (by shape, as above), ``'cholesky'`` or
+    method: ``'auto'`` (by shape and sharding, as above), ``'cholesky'`` or
       ``'woodbury'``.
     max_factor: the largest factor side ``'auto'`` forms (default 8192, a
       256 MiB float32 matrix); ``None`` for no limit.
@@ -176,31 +195,36 @@ class Ridge:
     r = p.kind.output_rows(p.residual)
     columns = (int(np.prod(p.kernel_shape[:-1])) if fit_kernel else 0) + int(
         fit_bias)
+    # A batch sharded over devices leaves only the m × m factor (see above).
+    sharded = sharding.rows_sharded(r)
+    side = columns if sharded else min(r.shape[0], columns)
     if (self.method == 'auto' and self.max_factor is not None and
-        min(r.shape[0], columns) > self.max_factor):
+        side > self.max_factor):
       return (self.fallback or ConjugateGradient(10)).solve(p)
     blocks = []
     if fit_kernel:
       blocks.append(p.kind.design(p.inputs, tuple(p.kernel_shape[:-2])))
     if fit_bias:
-      blocks.append(jnp.ones((r.shape[0], 1), r.dtype))
+      blocks.append(jnp.ones_like(r[:, :1]))  # sharded like the rows
     f = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     n, m = f.shape
     n_kernel = m - 1 if fit_bias else m
     use_cholesky = (self.method == 'cholesky' or
-                    (self.method == 'auto' and m <= n))
+                    (self.method == 'auto' and (m <= n or sharded)))
     # A proximal weight below float32's resolution of the factor's diagonal
     # (mean diagonal of FᵀF or FFᵀ) cannot be told from zero, and with
     # duplicated or all-zero rows the factor is then singular: floor λ
     # there. It changes nothing for ordinary settings and keeps the step
     # finite for tiny ones; the residual shows the accuracy reached.
-    floor = _LAMBDA_FLOOR * jnp.vdot(f, f) / (m if use_cholesky else n)
+    # (A sum, not vdot: explicit sharding refuses a sharded contraction.)
+    floor = _LAMBDA_FLOOR * jnp.sum(jnp.square(f)) / (
+        m if use_cholesky else n)
     lam = jnp.maximum(jnp.concatenate([
         jnp.full((n_kernel,), p.lam_kernel, f.dtype),
         jnp.full((m - n_kernel,), p.lam_bias, f.dtype)]), floor)
-    rhs = jnp.matmul(f.T, r, precision=PRECISION)
+    rhs = sharding.contract_rows(f, r, PRECISION)
     if use_cholesky:
-      gram = jnp.matmul(f.T, f, precision=PRECISION) + jnp.diag(lam)
+      gram = sharding.contract_rows(f, f, PRECISION) + jnp.diag(lam)
       x = jsl.cho_solve(jsl.cho_factor(gram, lower=True), rhs)
       grad = jnp.matmul(gram, x, precision=PRECISION) - rhs
     else:

@@ -151,7 +151,9 @@ class PaperRule:
 
     def misfit(pre_activation):
       fit = layer.segment(pre_activation) - target
-      return jnp.vdot(fit, fit)
+      # A sum, not vdot: with the batch sharded it is a local sum and one
+      # scalar all-reduce (explicit sharding refuses a sharded contraction).
+      return jnp.sum(jnp.square(fit))
 
     def proximal(x, old, lam):
       return lam * jnp.vdot(x - old, x - old)

@@ -205,6 +205,7 @@ def scale_by_sibp(
     lambda_w: jax.typing.ArrayLike = 1.0,
     lambda_b: jax.typing.ArrayLike = 1.0,
     solver: Any = None,
+    last_layer_solver: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The semi-implicit back propagation direction (Liu & Zhang, 2020).
 
@@ -253,6 +254,10 @@ def scale_by_sibp(
       (default), ``'cg'`` or a :class:`sibp_jax.Ridge` /
       :class:`sibp_jax.ConjugateGradient`. For ``'paper'``: a
       :class:`sibp_jax.NonlinearCG` (default ``NonlinearCG(iterations=5)``).
+    last_layer_solver: ``'paper'`` only: the exact solver of the last
+      (linear) layer, a :class:`sibp_jax.Ridge` (default ``Ridge()``). Pass
+      ``Ridge('cholesky')`` when the batch is sharded under automatic
+      (GSPMD) sharding, see :class:`sibp_jax.Ridge`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
@@ -293,13 +298,19 @@ def scale_by_sibp(
       raise ValueError("variant='paper' fits through the activation and "
                        'needs solver=sibp_jax.NonlinearCG(...), got '
                        f'{solver!r}')
+  if variant == 'paper':
+    last_layer_solver = ridge_solver(
+        'exact' if last_layer_solver is None else last_layer_solver)
+  elif last_layer_solver is not None:
+    raise ValueError("last_layer_solver is for variant='paper' only; the "
+                     "linearized variant's solver= serves every layer.")
 
   def make_rule(count, batch_size):
     del batch_size
     eta = _value_at(learning_rate, count)
     if variant == 'linearized':
       return sweep.LinearizedRule(eta, lambda_w, lambda_b, solver)
-    return sweep.PaperRule(eta, lambda_w, lambda_b, solver, solvers.Ridge())
+    return sweep.PaperRule(eta, lambda_w, lambda_b, solver, last_layer_solver)
 
   def init(params):
     del params
