@@ -1,0 +1,96 @@
+"""Smoke test of examples/benchmark.py: every section, --quick, mock data.
+
+Runs ``benchmark.main(['--quick', ...])`` on synthetic data (no dataset
+needed) and the SIBP authors' small network only, and checks the JSON keys
+and that the ratios are finite; the numbers themselves are the benchmark's
+business, not the test's.
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
+sys.path.insert(0, str(EXAMPLES))
+
+import benchmark  # noqa: E402
+
+
+def _finite(v):
+  return v is not None and math.isfinite(v)
+
+
+def test_quick_benchmark_reports_every_section(tmp_path):
+  methods = list(benchmark.METHODS)
+  out = benchmark.main([
+      '--quick', '--section', 'all', '--models', 'paper_mlp',
+      '--mock_data', '400', '--train_examples', '400', '--grid_points', '4',
+      '--table', str(tmp_path / 'missing.md'),
+      '--json', str(tmp_path / 'b.json'),
+      '--markdown', str(tmp_path / 'b.md')])
+  assert json.loads((tmp_path / 'b.json').read_text()) == json.loads(
+      json.dumps(out))
+  text = (tmp_path / 'b.md').read_text()
+  for heading in ('Step cost', 'One epoch', 'Time to target',
+                  'Step-size robustness'):
+    assert heading in text
+
+  step = out['step']['paper_mlp']
+  assert set(step) == {'batch', 'rounds', 'methods'}
+  assert list(step['methods']) == methods
+  for row in step['methods'].values():
+    assert set(row) == {'median_ms', 'ratio_to_adam', 'temp_bytes',
+                        'memory_ratio_to_adam'}
+    assert _finite(row['ratio_to_adam']) and row['ratio_to_adam'] > 0
+    if row['temp_bytes'] is not None:
+      assert _finite(row['memory_ratio_to_adam'])
+  assert step['methods']['adam']['ratio_to_adam'] == 1.0
+
+  for row in out['epoch'].values():
+    assert all(_finite(row[k]) for k in ('start_loss', 'train_loss',
+                                         'update_seconds'))
+
+  target = out['target']
+  assert _finite(target['target_loss'])
+  assert list(target['methods']) == methods
+  for row in target['methods'].values():
+    assert set(row) >= {'learning_rate', 'rate_source', 'reached', 'epochs',
+                        'update_seconds', 'epochs_ratio_to_adam',
+                        'update_seconds_ratio_to_adam', 'final_loss'}
+    if row['reached']:
+      assert _finite(row['epochs_ratio_to_adam'])
+      assert _finite(row['update_seconds_ratio_to_adam'])
+    else:
+      assert row['epochs'] is None and row['epochs_ratio_to_adam'] is None
+  assert target['methods']['adam']['reached']
+  assert target['methods']['adam']['epochs_ratio_to_adam'] == 1.0
+  # No table: the stated defaults.
+  assert target['methods']['sibp_linearized']['learning_rate'] == 0.1
+  assert 'default' in target['methods']['sibp_linearized']['rate_source']
+
+  rob = out['robustness']
+  assert len(rob['learning_rates']) == 4
+  assert rob['learning_rates'][0] == 1e-3 and rob['learning_rates'][-1] == (
+      1e2)
+  for row in rob['methods'].values():
+    assert len(row['losses']) == 4
+    assert row['range'] >= 0 and _finite(row['range_ratio_to_sgd'])
+  assert rob['methods']['sgd']['range_ratio_to_sgd'] == 1.0
+
+
+def test_best_learning_rates_reads_the_reproduction_table(tmp_path):
+  table = tmp_path / 'table.md'
+  table.write_text(
+      '| method | learning rate (grid) | final train loss |\n'
+      '|---|---|---|\n'
+      '| proxbp | 3 (0.3, 1, 3) | 0.1 |\n'
+      '| adam | 0.001 (0.0003, 0.001, 0.003) | 0.2 |\n')
+  rates = benchmark.best_learning_rates(
+      ['proxbp', 'proxbp_cg3', 'adam', 'sgd'], str(table))
+  assert rates['proxbp']['learning_rate'] == 3.0
+  assert rates['proxbp_cg3']['learning_rate'] == 3.0
+  assert 'for proxbp' in rates['proxbp_cg3']['source']
+  assert rates['adam']['learning_rate'] == 1e-3
+  assert rates['sgd']['learning_rate'] == benchmark.DEFAULT_LEARNING_RATES[
+      'sgd']
