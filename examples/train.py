@@ -78,6 +78,22 @@ other settings (model, optimizer and its hyperparameters, dataset and its
 sizes, batch size, seed) is refused with a message naming them.
 ``--params_out FILE.npz`` writes the final parameters; ``--stop_after_steps
 N`` acts as a Ctrl-C after ``N`` steps of this run (for tests).
+
+Learning-rate sweeps. ``--sweep LR1,LR2,...`` trains K runs of the same
+optimizer, one per learning rate, in ONE compiled program: the train step
+under ``jax.vmap`` over the K stacked parameters and
+``optax.inject_hyperparams`` states, from the same initial weights on the
+same batches. ``--metrics_out`` then holds ``{"config", "data", "device",
+"sweep": [metrics of rate 1, ...]}``, each entry a run's metrics as above
+(its ``config.learning_rate`` the rate), which ``compare.py`` can read; the
+``seconds`` are the whole sweep's update time (all K rates together)::
+
+  python examples/train.py --dataset digits --optimizer sibp \
+      --sweep 0.03,0.1,0.3,1 --metrics_out sweep.json
+
+A sweep takes no ``--learning_rate`` and is not checkpointed: it refuses
+``--checkpoint_dir``, ``--resume``, ``--params_out`` and
+``--stop_after_steps``.
 """
 
 from __future__ import annotations
@@ -133,6 +149,9 @@ RESUME_SETTINGS = ('dataset', 'model', 'optimizer', 'learning_rate',
                    'momentum', 'proxbp_solver', 'proxbp_outer', 'batch_size',
                    'seed', 'train_examples', 'validation_examples',
                    'mock_data')
+# Settings a --sweep refuses (see the module docstring).
+_NOT_WITH_SWEEP = ('checkpoint_dir', 'resume', 'params_out',
+                   'stop_after_steps')
 # Exit status of an interrupted run (128 + SIGINT, as a shell reports it).
 INTERRUPTED_STATUS = 130
 _CHECKPOINT_FORMAT = 1
@@ -194,6 +213,8 @@ class Config:
     params_out: ``.npz`` file of the final model parameters.
     stop_after_steps: for tests, act as a Ctrl-C after this many steps of
       this run.
+    sweep: learning rates trained together in one vmapped program (see
+      :func:`train_sweep`); ``learning_rate`` must then be ``None``.
   """
 
   dataset: str = 'mnist'
@@ -222,6 +243,7 @@ class Config:
   resume: bool = False
   params_out: str | None = None
   stop_after_steps: int | None = None
+  sweep: tuple[float, ...] | None = None
 
 
 def _as_config(config: Config | Mapping[str, Any]) -> Config:
@@ -241,7 +263,8 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
     config: a :class:`Config` or a dict of its fields.
 
   Returns:
-    A new :class:`Config` whose ``learning_rate`` is set.
+    A new :class:`Config` whose ``learning_rate`` is set (``None`` for a
+    sweep).
 
   Raises:
     UsageError: a setting is unknown or out of range.
@@ -254,12 +277,28 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
     if getattr(config, name) not in allowed:
       raise UsageError(f'{name}={getattr(config, name)!r}; expected one of '
                        f'{", ".join(allowed)}')
-  if config.learning_rate is None:
+  if config.sweep is not None:
+    config.sweep = tuple(float(lr) for lr in config.sweep)
+    if not config.sweep:
+      raise UsageError('--sweep needs at least one learning rate')
+    if config.learning_rate is not None:
+      raise UsageError('--sweep gives the learning rates: drop '
+                       '--learning_rate')
+    refused = [name for name in _NOT_WITH_SWEEP if getattr(config, name)]
+    if refused:
+      raise UsageError(f'--sweep cannot be combined with '
+                       f'{", ".join("--" + n for n in refused)} (a sweep is '
+                       'not checkpointed)')
+    bad = [lr for lr in config.sweep if not lr > 0]
+    if bad:
+      raise UsageError(f'sweep learning rates must be > 0, got {bad}')
+  elif config.learning_rate is None:
     key = config.optimizer
     if key == 'proxbp' and config.proxbp_outer == 'adam':
       key = 'proxbp_adam'
     config.learning_rate = DEFAULT_LEARNING_RATES[key]
-  positive = ('learning_rate', 'lambda_w', 'lambda_b', 'tau_prox',
+  positive = ('learning_rate' if config.sweep is None else 'lambda_w',
+              'lambda_w', 'lambda_b', 'tau_prox',
               'batch_size', 'eval_batch_size', 'inner_iterations')
   for name in positive:
     if not getattr(config, name) > 0:
@@ -351,19 +390,26 @@ def make_train_step(graphdef, needs_problems: bool):
   return jax.jit(step, donate_argnums=0)
 
 
-def make_evaluate(graphdef, batch_size: int):
+def make_evaluate(graphdef, batch_size: int, *, runs: bool = False):
   """``evaluate(state, x, y) -> (mean loss, accuracy)`` in batches.
 
   Every batch has ``batch_size`` rows (the last one is padded and the
-  padding weighted zero), so the evaluation compiles once per run.
+  padding weighted zero), so the evaluation compiles once per run. With
+  ``runs``, ``graphdef`` is the model's alone and ``state`` its parameters
+  stacked over K runs (a sweep); loss and accuracy are then NumPy arrays of
+  K values.
   """
 
-  @jax.jit
-  def sums(state, x, y, weight):
-    model = nnx.merge(graphdef, state)[0]
+  def one_sums(state, x, y, weight):
+    model = nnx.merge(graphdef, state)
+    model = model if runs else model[0]
     logits = model(x)
     return (jnp.sum(weight * LOSS(logits, y)),
             jnp.sum(weight * (jnp.argmax(logits, axis=-1) == y)))
+
+  sums = jax.jit(jax.vmap(one_sums, in_axes=(0, None, None, None))
+                 if runs else one_sums)
+  to_host = np.asarray if runs else float
 
   def evaluate(state, x, y):
     n = len(x)
@@ -377,8 +423,8 @@ def make_evaluate(graphdef, batch_size: int):
         yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
         weight = jnp.concatenate([weight, jnp.zeros((pad,), jnp.float32)])
       s_loss, s_correct = sums(state, xb, yb, weight)
-      loss_sum += float(s_loss)
-      correct += float(s_correct)
+      loss_sum += to_host(s_loss)
+      correct += to_host(s_correct)
     return loss_sum / n, correct / n
 
   return evaluate
@@ -593,6 +639,8 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
       ``checkpoint_dir``); the metrics file holds every finished epoch.
   """
   config = resolve(config)
+  if config.sweep is not None:
+    return train_sweep(config)
   try:
     data = input_pipeline.load(
         config.dataset, config.data_dir,
@@ -781,6 +829,157 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   return metrics
 
 
+def train_sweep(config: Config) -> dict[str, Any]:
+  """Trains one run per rate of ``config.sweep`` in one vmapped program.
+
+  The K runs start from the same initial weights and see the same batches
+  as a run of :func:`train_and_evaluate` with that learning rate; their
+  parameters and ``optax.inject_hyperparams`` states are stacked on a
+  leading axis and the train step is ``jax.vmap``-ed over it (batch
+  shared). They are equal to K separate runs up to float32 round-off (a
+  batched matmul may sum in another order).
+
+  Args:
+    config: resolved settings (:func:`resolve`) with ``sweep`` set.
+
+  Returns:
+    ``{"config", "data", "device", "sweep"}``: ``sweep`` holds one metrics
+    dict per rate, as :func:`train_and_evaluate` returns them; their
+    ``seconds`` are the update time of the whole sweep.
+  """
+  try:
+    data = input_pipeline.load(
+        config.dataset, config.data_dir,
+        validation_examples=config.validation_examples,
+        train_examples=config.train_examples, mock_data=config.mock_data)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  n_train = len(data.x_train)
+  if config.batch_size > n_train:
+    raise UsageError(f'batch_size={config.batch_size} is larger than the '
+                     f'training set ({n_train} examples)')
+  steps = n_train // config.batch_size
+  data_sizes = {**data.sizes(), 'steps_per_epoch': steps}
+  rates = config.sweep
+
+  model = models.create_model(config.model, data.input_shape, data.classes,
+                              seed=config.seed)
+  graphdef, params = nnx.split(model)
+  params = nnx.as_pure(params)
+  del model
+  needs_problems = create_optimizer(
+      dataclasses.replace(config, learning_rate=rates[0]))[1]
+  tx = optax.inject_hyperparams(
+      lambda learning_rate: create_optimizer(dataclasses.replace(
+          config, learning_rate=learning_rate))[0])(learning_rate=rates[0])
+
+  def init(lr):
+    opt_state = tx.init(params)
+    opt_state.hyperparams['learning_rate'] = lr
+    return params, opt_state
+
+  def step(params, opt_state, x, y):
+    if needs_problems:
+      loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+          nnx.merge(graphdef, params), x, y, loss_fn=LOSS)
+      logits = problems.layers[-1].outputs
+      updates, opt_state = tx.update(nnx.as_pure(grads), opt_state, params,
+                                     problems=problems)
+    else:
+      def mean_loss(params):
+        logits = nnx.merge(graphdef, params)(x)
+        return jnp.mean(LOSS(logits, y)), logits
+      (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+          params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, loss,
+            _accuracy(logits, y))
+
+  train_step = jax.jit(jax.vmap(step, in_axes=(0, 0, None, None)),
+                       donate_argnums=(0, 1))
+  evaluate = make_evaluate(graphdef, config.eval_batch_size, runs=True)
+  params_k, states_k = jax.jit(jax.vmap(init))(
+      jnp.asarray(rates, jnp.float32))
+
+  on_device = {
+      'train': (jnp.asarray(data.x_train), jnp.asarray(data.y_train)),
+      'val': (jnp.asarray(data.x_val), jnp.asarray(data.y_val)),
+      'test': (jnp.asarray(data.x_test), jnp.asarray(data.y_test)),
+  }
+  xs, ys = on_device['train']
+
+  def evaluate_all() -> list[dict[str, float | None]]:
+    per_split = {split: evaluate(params_k, x, y)
+                 for split, (x, y) in on_device.items()}
+    return [{f'{split}_{what}': _finite_or_none(float(values[i][k]))
+             for split, values in per_split.items()
+             for i, what in enumerate(('loss', 'accuracy'))}
+            for k in range(len(rates))]
+
+  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
+  runs = [{'config': dataclasses.asdict(dataclasses.replace(
+               config, learning_rate=lr, sweep=None)),
+           'data': data_sizes, 'device': device,
+           'initial': {'epoch': 0, **initial, 'seconds': 0.0},
+           'history': []}
+          for lr, initial in zip(rates, evaluate_all(), strict=True)]
+  metrics = {'config': dataclasses.asdict(config), 'data': data_sizes,
+             'device': device, 'sweep': runs}
+  print(f'{config.dataset}: {n_train} train / {len(data.x_val)} validation '
+        f'/ {len(data.x_test)} test, {config.model}, {config.optimizer} '
+        f'sweep over {len(rates)} learning rates '
+        f'({", ".join(f"{lr:g}" for lr in rates)}), batch '
+        f'{config.batch_size}, {device}', flush=True)
+
+  if config.epochs:
+    # Compile on throwaway copies (twice, as train_and_evaluate does).
+    warm = jax.tree.map(jnp.copy, (params_k, states_k))
+    first = quickstart.epoch_batches(n_train, config.batch_size,
+                                     config.seed, 0)[0]
+    for _ in range(2):
+      warm = train_step(*warm, xs[first], ys[first])[:2]
+    jax.block_until_ready(warm)
+    del warm
+
+  seconds = 0.0
+  for epoch in range(1, config.epochs + 1):
+    batches = quickstart.epoch_batches(n_train, config.batch_size,
+                                       config.seed, epoch - 1)
+    epoch_seconds = 0.0
+    for idx in tqdm(batches, desc=f'epoch {epoch}/{config.epochs}',
+                    unit='step', disable=not config.progress, leave=False):
+      xb, yb = jax.block_until_ready((xs[idx], ys[idx]))
+      start = time.perf_counter()
+      params_k, states_k, _, _ = train_step(params_k, states_k, xb, yb)
+      jax.block_until_ready((params_k, states_k))
+      epoch_seconds += time.perf_counter() - start
+    seconds += epoch_seconds
+    for lr, run, evaluation in zip(rates, runs, evaluate_all(), strict=True):
+      entry = {'epoch': epoch, **evaluation, 'seconds': seconds,
+               'train_examples_per_second': (
+                   steps * config.batch_size / epoch_seconds)}
+      run['history'].append(entry)
+      print(f'lr {lr:<8g} ' + _summary(entry), flush=True)
+    if config.metrics_out:
+      write_json_atomic(config.metrics_out, metrics)
+  if config.metrics_out and not config.epochs:
+    write_json_atomic(config.metrics_out, metrics)
+  if config.plot_out:
+    import compare  # pylint: disable=import-outside-toplevel
+    compare.plot([(f'{config.optimizer} lr {lr:g}', run)
+                  for lr, run in zip(rates, runs, strict=True)],
+                 config.plot_out)
+  return metrics
+
+
+def _rates(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'expected comma-separated learning rates, got {text!r}') from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
   """Parses the command line (``argv`` without the program name)."""
   d = Config()
@@ -840,6 +1039,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
       help='the final model parameters')
   add('--stop_after_steps', metavar='N', type=int, default=None,
       help='testing: act as a Ctrl-C after N steps of this run')
+  add('--sweep', metavar='LR1,LR2,...', type=_rates, default=None,
+      help='train these learning rates in one vmapped program (no '
+      'checkpoints); --metrics_out gets one history per rate')
   args = parser.parse_args(argv)
   return Config(**vars(args))
 

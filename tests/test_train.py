@@ -210,3 +210,45 @@ def test_compare_labels_and_figure(tmp_path):
   out = tmp_path / 'cmp.png'
   assert compare.main([*paths, '--out', str(out)]) == compare.labels(configs)
   assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize('optimizer', ['sibp', 'adam'])
+def test_sweep_equals_separate_runs(tmp_path, optimizer):
+  """``--sweep a,b``: one vmapped program, the same runs as two separate.
+
+  Tolerance: 1e-4 relative on the losses and accuracies after 2 epochs.
+  The batched step is another XLA program than the single one (batched
+  matmuls may sum in another order, a few float32 ulps per sum, which the
+  exact solves amplify by the condition number of ``FᵀF + Λ``).
+  """
+  rates = (0.05, 0.5) if optimizer == 'sibp' else (1e-3, 1e-2)
+  settings = {**TINY, 'epochs': 2, 'optimizer': optimizer}
+  out = tmp_path / 'sweep.json'
+  train.main(['--dataset', 'mnist', '--mock_data', '24', '--train_examples',
+              '8', '--batch_size', '4', '--epochs', '2', '--eval_batch_size',
+              '16', '--no_progress', '--optimizer', optimizer, '--sweep',
+              ','.join(map(str, rates)), '--metrics_out', str(out)])
+  sweep = json.loads(out.read_text())
+  assert sweep['config']['sweep'] == list(rates)
+  assert len(sweep['sweep']) == len(rates)
+  for lr, run in zip(rates, sweep['sweep'], strict=True):
+    single = train.train_and_evaluate({**settings, 'learning_rate': lr})
+    assert run['config']['learning_rate'] == lr
+    assert len(run['history']) == len(single['history']) == 2
+    for got, want in zip([run['initial'], *run['history']],
+                         [single['initial'], *single['history']],
+                         strict=True):
+      for key in ('train_loss', 'train_accuracy', 'val_loss', 'test_loss'):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), (lr, key)
+  # The two rates are different runs.
+  assert (sweep['sweep'][0]['history'][-1]['train_loss']
+          != sweep['sweep'][1]['history'][-1]['train_loss'])
+
+
+def test_sweep_refuses_checkpoints_and_a_learning_rate(tmp_path):
+  with pytest.raises(SystemExit, match='not checkpointed'):
+    train.main(['--dataset', 'digits', '--sweep', '0.1,1',
+                '--checkpoint_dir', str(tmp_path / 'ck')])
+  with pytest.raises(SystemExit, match='drop --learning_rate'):
+    train.main(['--dataset', 'digits', '--sweep', '0.1,1',
+                '--learning_rate', '0.1'])
