@@ -615,6 +615,23 @@ def _summary(entry: dict[str, Any]) -> str:
   return ' | '.join(parts)
 
 
+def _load_data(config: Config):
+  """The run's data, training-set size, steps per epoch and size summary."""
+  try:
+    data = input_pipeline.load(
+        config.dataset, config.data_dir,
+        validation_examples=config.validation_examples,
+        train_examples=config.train_examples, mock_data=config.mock_data)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  n_train = len(data.x_train)
+  if config.batch_size > n_train:
+    raise UsageError(f'batch_size={config.batch_size} is larger than the '
+                     f'training set ({n_train} examples)')
+  steps = n_train // config.batch_size
+  return data, n_train, steps, {**data.sizes(), 'steps_per_epoch': steps}
+
+
 def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   """Trains and evaluates one run; returns (and writes) its metrics.
 
@@ -641,19 +658,7 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   config = resolve(config)
   if config.sweep is not None:
     return train_sweep(config)
-  try:
-    data = input_pipeline.load(
-        config.dataset, config.data_dir,
-        validation_examples=config.validation_examples,
-        train_examples=config.train_examples, mock_data=config.mock_data)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  n_train = len(data.x_train)
-  if config.batch_size > n_train:
-    raise UsageError(f'batch_size={config.batch_size} is larger than the '
-                     f'training set ({n_train} examples)')
-  steps = n_train // config.batch_size
-  data_sizes = {**data.sizes(), 'steps_per_epoch': steps}
+  data, n_train, steps, data_sizes = _load_data(config)
 
   model = models.create_model(config.model, data.input_shape, data.classes,
                               seed=config.seed)
@@ -847,19 +852,7 @@ def train_sweep(config: Config) -> dict[str, Any]:
     dict per rate, as :func:`train_and_evaluate` returns them; their
     ``seconds`` are the update time of the whole sweep.
   """
-  try:
-    data = input_pipeline.load(
-        config.dataset, config.data_dir,
-        validation_examples=config.validation_examples,
-        train_examples=config.train_examples, mock_data=config.mock_data)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  n_train = len(data.x_train)
-  if config.batch_size > n_train:
-    raise UsageError(f'batch_size={config.batch_size} is larger than the '
-                     f'training set ({n_train} examples)')
-  steps = n_train // config.batch_size
-  data_sizes = {**data.sizes(), 'steps_per_epoch': steps}
+  data, n_train, steps, data_sizes = _load_data(config)
   rates = config.sweep
 
   model = models.create_model(config.model, data.input_shape, data.classes,
