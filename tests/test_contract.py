@@ -213,11 +213,10 @@ def test_non_finite_batch_leaves_parameters_unchanged(arch, name, bad):
   chex.assert_trees_all_equal(pure(nnx.state(model, nnx.Param)), before)
   info = find_info(opt.opt_state)
   assert not bool(info.finite)
-  # The outer optimizer's moments are held too; only counters move.
+  # ProxBP's outer optimizer (Nesterov momentum) is held exactly as it was.
   after = pure(opt.opt_state)
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(opt_before)):
-    if jnp.issubdtype(a.dtype, jnp.floating):
-      assert bool(jnp.all(jnp.isfinite(a)) | ~jnp.all(jnp.isfinite(b)))
+  if isinstance(after, sibp_jax.SkipOnBadStepState):
+    chex.assert_trees_all_equal(after.outer, opt_before.outer)
   # A good batch afterwards trains again.
   step(model, opt, x, y)
   assert bool(find_info(opt.opt_state).finite)
