@@ -34,7 +34,9 @@ import sibp_jax
 # (batch B, layer widths d0, d1, ..., dL). Which exact solve the library picks
 # for a ridge problem with m columns and B rows: Cholesky if m <= B, else
 # Woodbury. The linearized variant and ProxBP fit [W; b] (m = d_in + 1); the
-# paper variant's last layer fits W alone (m = d_in).
+# paper variant's last layer fits W alone (m = d_in). The paper variant's
+# hidden layers run their nonlinear CG in row space when d_in > B (layer 1 of
+# the first and third shapes, layer 2 of the fourth), else over the kernel.
 SHAPES = {
     # layer 1: m = 9 > 6, Woodbury; layer 2: m = 5 <= 6, Cholesky.
     'mlp2-B6-8-4-3': (6, (8, 4, 3)),

@@ -170,6 +170,34 @@ def test_nonlinear_cg_converges_on_quadratic():
   assert float(info.residual) < 1e-2
 
 
+@pytest.mark.parametrize('seed', range(3))
+def test_nonlinear_cg_in_row_space_is_the_same_iteration(seed):
+  """Row space (Δ = Fᵀc, n < m) retraces minimize's iterates in float64.
+
+  Same points, same number of objective evaluations (so every Armijo test
+  decided alike), same reported gradient-norm ratio.
+  """
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(seed)
+    n, m, d = 6, 15, 4
+    f = jnp.asarray(rng.normal(size=(n, m)))
+    t = jnp.asarray(np.maximum(rng.normal(size=(n, d)), 0))
+    w0 = jnp.asarray(rng.normal(size=(m, d))) * 0.3
+    lam, y_old = 0.7, f @ w0
+    fit = lambda y: jnp.sum((jax.nn.relu(y) - t) ** 2)
+    solver = sibp_jax.NonlinearCG(iterations=5)
+    w, info = solver.minimize(
+        lambda y, k: fit(y) + lam * jnp.vdot(k - w0, k - w0), w0,
+        linear=lambda k: f @ k)
+    c, image, info_rows = solver.minimize_in_row_space(
+        lambda v: fit(y_old + v), f @ f.T, lam, jnp.zeros((n, d)))
+    np.testing.assert_allclose(w0 + f.T @ c, w, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(image, f @ (f.T @ c), rtol=1e-10, atol=1e-12)
+    assert int(info_rows.iterations) == int(info.iterations)
+    np.testing.assert_allclose(info_rows.residual, info.residual, rtol=1e-8)
+    assert float(jnp.abs(c).max()) > 0
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(iterations=0), dict(iterations=2.0), dict(shrink=1.0),
     dict(shrink=0.0), dict(sufficient_decrease=1.5), dict(max_shrinks=-1),

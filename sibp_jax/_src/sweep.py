@@ -34,9 +34,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sibp_jax._src import problems as problems_lib
+from sibp_jax._src import sharding
 from sibp_jax._src import solvers
+
+PRECISION = problems_lib.PRECISION
 
 
 class LayerUpdate(NamedTuple):
@@ -161,16 +165,38 @@ class PaperRule:
     def product(k):
       return layer.kind.apply(k, None, layer.inputs)
 
-    # The kernel's fit sees it through the layer's linear map, which the
-    # solver applies once per iteration (not once per line-search trial);
-    # the bias's fit then reuses the one product with the new kernel.
     old_kernel = kernel
-    kernel, info_k = self.inner.minimize(
-        lambda y, k: misfit(y if bias is None else y + bias) +
-        proximal(k, old_kernel, self.lam_kernel), kernel, linear=product)
+    n = int(np.prod(layer.outputs.shape[:-1]))
+    m = int(np.prod(kernel.shape[:-1]))
+    if n < m and not sharding.rows_sharded(layer.outputs):
+      # Fewer rows than inputs (a dense layer at a batch smaller than its
+      # width): run the same iteration in row space (see
+      # NonlinearCG.minimize_in_row_space), where a step costs n × n
+      # products instead of products with the n × m input. The old
+      # pre-activation comes from the forward pass, not a second product.
+      design = layer.kind.design(layer.inputs, tuple(kernel.shape[:-2]))
+      gram = jnp.matmul(design, design.T, precision=PRECISION)
+      def fit_rows(v):
+        return misfit(layer.outputs + v.reshape(layer.outputs.shape))
+
+      coef, image, info_k = self.inner.minimize_in_row_space(
+          fit_rows, gram, self.lam_kernel,
+          jnp.zeros((n, kernel.shape[-1]), kernel.dtype))
+      kernel = old_kernel + jnp.matmul(
+          design.T, coef, precision=PRECISION).reshape(kernel.shape)
+      base = None if bias is None else (
+          layer.outputs - bias + image.reshape(layer.outputs.shape))
+    else:
+      # The kernel's fit sees it through the layer's linear map, which the
+      # solver applies once per iteration (not once per line-search
+      # trial); the bias's fit then reuses one product with the new kernel.
+      kernel, info_k = self.inner.minimize(
+          lambda y, k: misfit(y if bias is None else y + bias) +
+          proximal(k, old_kernel, self.lam_kernel), kernel, linear=product)
+      base = None if bias is None else product(kernel)
     if bias is None:
       return LayerUpdate(kernel, None, info_k)
-    base, old_bias = product(kernel), bias
+    old_bias = bias
     bias, info_b = self.inner.minimize(
         lambda b: misfit(base + b) + proximal(b, old_bias, self.lam_bias),
         bias)
