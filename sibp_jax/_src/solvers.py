@@ -47,8 +47,9 @@ class SolveInfo(NamedTuple):
       it factored (``FᵀF + Λ`` or, in batch space, ``I + FΛ⁻¹Fᵀ``) along a
       fixed random ±1 vector ``p`` over the output columns, i.e. its
       round-off, estimated at ``O(n²)`` cost. :class:`ConjugateGradient`:
-      the normal equations' residual over its value at the old parameters. :class:`NonlinearCG`: the
-      gradient norm at the returned point over its value at the start.
+      the normal equations' residual over its value at the old parameters.
+      :class:`NonlinearCG`: the gradient norm at the returned point over its
+      value at the start.
   """
 
   iterations: jax.Array
