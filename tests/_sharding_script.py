@@ -68,11 +68,13 @@ def _cases(cholesky: bool):
   """The transformations compared; ``cholesky`` pins the exact solves."""
   ridge = sibp_jax.Ridge('cholesky') if cholesky else 'exact'
   last = sibp_jax.Ridge('cholesky') if cholesky else None
+  inner = (sibp_jax.NonlinearCG(space='parameters') if cholesky else
+           sibp_jax.NonlinearCG())
   return {
       'sibp_linearized': lambda: sibp_jax.sibp(0.1, solver=ridge),
       'sibp_linearized_cg': lambda: sibp_jax.sibp(
           0.1, solver=sibp_jax.ConjugateGradient(5)),
-      'sibp_paper': lambda: sibp_jax.sibp(0.1, variant='paper',
+      'sibp_paper': lambda: sibp_jax.sibp(0.1, variant='paper', solver=inner,
                                           last_layer_solver=last),
       'proxbp_exact': lambda: sibp_jax.proxbp(1.0, tau_prox=0.05,
                                               solver=ridge),

@@ -403,7 +403,8 @@ def test_sibp_linearized_matches_transcription(batch, sizes, eta, lam_w,
   assert_layers_close(got, expected, RTOL_F32, ATOL_F32)
 
 
-def _check_paper(batch, sizes, hypers, cg_settings, branch=None):
+def _check_paper(batch, sizes, hypers, cg_settings, branch=None,
+                 space='auto'):
   params, x, y = _problem(batch, sizes)
   stats = {}
   new, evals = sibp_paper_step(params, x, y, *hypers, **cg_settings,
@@ -412,7 +413,8 @@ def _check_paper(batch, sizes, hypers, cg_settings, branch=None):
     # The case is meant to exercise this branch of the line search.
     assert stats.get(branch, 0) > 0, stats
   expected = _differences(new, params)
-  solver = sibp_jax.NonlinearCG(**cg_settings) if cg_settings else None
+  solver = sibp_jax.NonlinearCG(**cg_settings, space=space) if (
+      cg_settings or space != 'auto') else None
   with jax.enable_x64(True):
     got, state = library_step('paper', hypers, params, x, y, jnp.float64,
                               solver=solver)
@@ -431,6 +433,13 @@ def test_sibp_paper_matches_transcription(batch, sizes, eta, lam_w, lam_b):
   # step is short, so most trials are accepted; the 3-layer B = 7 case also
   # shrinks and, for some hyperparameters, restarts.
   _check_paper(batch, sizes, (eta, lam_w, lam_b), {})
+
+
+@pytest.mark.parametrize('batch,sizes', [_cases()[0], _cases()[3]])
+def test_sibp_paper_in_parameter_space_matches_transcription(batch, sizes):
+  # space='parameters' keeps the kernel fits out of row space (the GSPMD
+  # setting): the same transcription holds on the cases that use row space.
+  _check_paper(batch, sizes, HYPERS[1], {}, space='parameters')
 
 
 # Other NonlinearCG settings, chosen so that the line search's other branches

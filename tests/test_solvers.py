@@ -201,7 +201,7 @@ def test_nonlinear_cg_in_row_space_is_the_same_iteration(seed):
 @pytest.mark.parametrize('kwargs', [
     dict(iterations=0), dict(iterations=2.0), dict(shrink=1.0),
     dict(shrink=0.0), dict(sufficient_decrease=1.5), dict(max_shrinks=-1),
-    dict(initial_decrease=0.0)])
+    dict(initial_decrease=0.0), dict(space='rows')])
 def test_nonlinear_cg_rejects_bad_settings(kwargs):
   with pytest.raises(ValueError, match=next(iter(kwargs))):
     sibp_jax.NonlinearCG(**kwargs)

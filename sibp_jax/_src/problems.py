@@ -16,6 +16,7 @@ parameters live in the parameter tree, and the per-example output error
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
@@ -117,18 +118,31 @@ class Conv:
     """im2col: the kernel's block of the design matrix.
 
     Shape ``(rows, prod(window)·channels)``, one row per example and output
-    position, columns ordered like ``kernel.reshape(-1, out)``.
+    position, columns ordered like ``kernel.reshape(-1, out)``. Built from
+    one strided slice of the padded input per kernel offset: pure data
+    movement, where ``lax.conv_general_dilated_patches`` runs a convolution
+    with an identity kernel (``k²·c`` output channels, as many
+    multiply-adds as the patch Gram matrix itself).
     """
-    lhs, _, out = self._specs()
-    cols = jax.lax.conv_general_dilated_patches(
-        inputs, window, self.strides, self.padding,
-        rhs_dilation=self.kernel_dilation, dimension_numbers=(lhs, _, out),
-        precision=PRECISION)
-    channels = inputs.shape[-1]
-    # The patches come channel-major ((in, spatial...)); kernels are laid out
-    # spatial-major ((spatial..., in)): reorder once here.
-    cols = sharding.reshape_rows(cols, (-1, channels, int(np.prod(window))))
-    return jnp.swapaxes(cols, 1, 2).reshape(cols.shape[0], -1)
+    pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in self.padding] + [
+        (0, 0, 0)]
+    padded = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype), pads)
+    out_size = [
+        (n - d * (k - 1) - 1) // s + 1 for n, d, k, s in zip(
+            padded.shape[1:-1], self.kernel_dilation, window, self.strides,
+            strict=True)]
+    columns = []
+    for offset in itertools.product(*[range(k) for k in window]):
+      where = tuple(
+          slice(d * o, d * o + s * (m - 1) + 1, s) for o, d, s, m in zip(
+              offset, self.kernel_dilation, self.strides, out_size,
+              strict=True))
+      columns.append(padded[(slice(None), *where)])
+    # (batch, *out, offsets, channels): offsets spatial-major, then channels,
+    # the order of kernel.reshape(-1, out).
+    patches = jnp.stack(columns, axis=-2)
+    return sharding.reshape_rows(
+        patches, (-1, len(columns) * inputs.shape[-1]))
 
   def output_rows(self, outputs):
     return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))

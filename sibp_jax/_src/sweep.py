@@ -123,7 +123,12 @@ class PaperRule:
   fitted through the segment by ``inner`` (:class:`NonlinearCG`), one line
   search for the whole layer: the segment is an arbitrary parameter-free
   function (pooling and flatten mix positions), so separability over output
-  units is not assumed.
+  units is not assumed. When the layer has fewer rows (examples, or
+  examples times positions) than kernel inputs, as a dense layer at a batch
+  smaller than its width, the kernel's iteration runs in row space
+  (:meth:`NonlinearCG.minimize_in_row_space`): the same iterates, with
+  ``B × B`` instead of ``B × d_in`` products, and the old pre-activation
+  taken from the forward pass.
   """
 
   learning_rate: Any
@@ -168,7 +173,8 @@ class PaperRule:
     old_kernel = kernel
     n = int(np.prod(layer.outputs.shape[:-1]))
     m = int(np.prod(kernel.shape[:-1]))
-    if n < m and not sharding.rows_sharded(layer.outputs):
+    if (n < m and self.inner.space == 'auto' and
+        not sharding.rows_sharded(layer.outputs)):
       # Fewer rows than inputs (a dense layer at a batch smaller than its
       # width): run the same iteration in row space (see
       # NonlinearCG.minimize_in_row_space), where a step costs n × n

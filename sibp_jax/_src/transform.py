@@ -257,7 +257,8 @@ def scale_by_sibp(
     last_layer_solver: ``'paper'`` only: the exact solver of the last
       (linear) layer, a :class:`sibp_jax.Ridge` (default ``Ridge()``). Pass
       ``Ridge('cholesky')`` when the batch is sharded under automatic
-      (GSPMD) sharding, see :class:`sibp_jax.Ridge`.
+      (GSPMD) sharding, see :class:`sibp_jax.Ridge` (and, as ``solver``,
+      ``NonlinearCG(space='parameters')``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
