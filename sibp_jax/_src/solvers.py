@@ -316,12 +316,13 @@ class ConjugateGradient:
       d = jax.tree.map(lambda a, b: a + beta * b, r, d)
       return x, r, d, rr_new
 
-    # Unrolled (the count is static and small): on XLA:CPU the same
-    # convolutions ran about 20× slower inside a loop body than outside
-    # (3 steps on a 5×5 conv layer at batch 500: 6.4 s looped, 0.27 s
-    # unrolled), and accelerators lose nothing by it.
-    x, r, _, rr_end = jax.lax.fori_loop(0, self.iterations, step,
-                                        (x, r, r, rr), unroll=True)
+    # Unrolled for convolutions (the count is static and small): on XLA:CPU
+    # the same convolutions ran about 20× slower inside a loop body than
+    # outside (3 steps on a 5×5 conv layer at batch 500: 6.4 s looped,
+    # 0.27 s unrolled). Dense layers keep the loop, which compiles faster.
+    x, r, _, rr_end = jax.lax.fori_loop(
+        0, self.iterations, step, (x, r, r, rr),
+        unroll=isinstance(p.kind, problems_lib.Conv))
     info = SolveInfo(jnp.asarray(self.iterations, jnp.int32),
                      _ratio(jnp.sqrt(rr_end), jnp.sqrt(rr)))
     return x, info
@@ -389,7 +390,7 @@ class NonlinearCG:
       raise ValueError("NonlinearCG(space=...) must be 'auto' or "
                        f"'parameters', got {self.space!r}")
 
-  def minimize(self, fun, x0, linear=None):
+  def minimize(self, fun, x0, linear=None, unroll=False):
     """Minimizes ``fun(x)``, or ``fun(linear(x), x)`` given a linear map.
 
     Args:
@@ -402,6 +403,9 @@ class NonlinearCG:
         iteration, so its trial points cost no further products: two
         applications of the map (forward and transpose) per iteration
         instead of one per trial plus two for the gradient.
+      unroll: unroll the (static) iterations; for a ``linear`` that is a
+        convolution, which XLA:CPU runs far slower inside a loop body (see
+        :meth:`ConjugateGradient.solve`).
 
     Returns:
       ``(x, SolveInfo)``.
@@ -418,7 +422,7 @@ class NonlinearCG:
       g = transpose(gy)[0] + gx
       return f, g, g
 
-    x, _, info = self._iterate(outer, value_and_grad, linear, x0)
+    x, _, info = self._iterate(outer, value_and_grad, linear, x0, unroll)
     return x, info
 
   def minimize_in_row_space(self, fun, gram, lam, c0):
@@ -461,9 +465,9 @@ class NonlinearCG:
       g = gv + 2 * lam * c
       return f + lam * jnp.vdot(c, v), g, linear(g)
 
-    return self._iterate(outer, value_and_grad, linear, c0)
+    return self._iterate(outer, value_and_grad, linear, c0, False)
 
-  def _iterate(self, outer, value_and_grad, linear, x0):
+  def _iterate(self, outer, value_and_grad, linear, x0, unroll):
     """Fletcher–Reeves with Armijo backtracking in a metric ``M``.
 
     ``value_and_grad(y, x)`` returns ``(φ, g, M g)`` with ``g`` the gradient
@@ -512,13 +516,10 @@ class NonlinearCG:
       return (x_new, y_new, f_new, g_new, mg_new, gg_new, d_new,
               evals + j + 1)
 
-    # Unrolled (the count is static and small): XLA:CPU runs convolutions
-    # inside a loop body far slower than the same ones outside (see
-    # ConjugateGradient.solve).
     x, y, _, _, _, gg, _, evals = jax.lax.fori_loop(
         0, self.iterations, iteration,
         (x0, y0, f0, g0, mg0, gg0, -g0, jnp.ones((), jnp.int32)),
-        unroll=True)
+        unroll=unroll)
     # ‖g‖_M is the norm of the parameter-space gradient in both uses.
     info = SolveInfo(evals, _ratio(jnp.sqrt(jnp.maximum(gg, 0)),
                                    jnp.sqrt(jnp.maximum(gg0, 0))))

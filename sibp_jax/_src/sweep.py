@@ -198,7 +198,8 @@ class PaperRule:
       # trial); the bias's fit then reuses one product with the new kernel.
       kernel, info_k = self.inner.minimize(
           lambda y, k: misfit(y if bias is None else y + bias) +
-          proximal(k, old_kernel, self.lam_kernel), kernel, linear=product)
+          proximal(k, old_kernel, self.lam_kernel), kernel, linear=product,
+          unroll=isinstance(layer.kind, problems_lib.Conv))
       base = None if bias is None else product(kernel)
     if bias is None:
       return LayerUpdate(kernel, None, info_k)
