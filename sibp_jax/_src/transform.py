@@ -234,9 +234,9 @@ def scale_by_sibp(
   is solved exactly. The linearized variant is the default because it lowers
   the loss faster per epoch and per second: one epoch of Fashion-MNIST on
   the paper's 784-500-10 network at batch 100 took the training loss from
-  2.378 to 0.338 in 2.5 s of updates (linearized) against 0.424 in 9.3 s
+  2.378 to 0.338 in 1.7 s of updates (linearized) against 0.424 in 3.9 s
   (paper), measured by ``python examples/benchmark.py --section epoch``
-  (README, "Measurements").
+  on 2 CPU cores (README, "Measurements").
 
   The returned direction is ``(X_old - X_new) / η`` for every parameter of a
   recognised linear layer, so that scaling by ``-η`` gives the SIBP step; all
