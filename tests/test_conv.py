@@ -65,6 +65,24 @@ def test_patches_and_apply_match_explicit_im2col(window, strides, padding,
                              expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('shape,window,strides,padding,dilation', [
+    ((3, 10, 4), (3,), (2,), ((1, 2),), (2,)),
+    ((2, 5, 5, 4, 2), (2, 3, 2), (1, 2, 1), ((1, 0), (1, 1), (0, 1)),
+     (1, 1, 2)),
+])
+def test_patches_in_one_and_three_dimensions(shape, window, strides, padding,
+                                             dilation):
+  """1-D and 3-D patches reproduce XLA's own convolution."""
+  kind = sibp_jax.Conv(strides, padding, dilation)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=window + (shape[-1], 5)), jnp.float32)
+  expected = kind.apply(kernel, None, x)
+  got = kind.design(x, window) @ kernel.reshape(-1, 5)
+  np.testing.assert_allclose(got, expected.reshape(-1, 5), rtol=1e-5,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize('window,strides,padding,dilation', CONFIGS)
 @pytest.mark.parametrize('kernel,bias', [(True, True), (False, True),
                                          (True, False)])
