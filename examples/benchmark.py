@@ -11,7 +11,9 @@ because absolute times on shared machines are noisy.
   ``proxprop_convnet``) on CIFAR-10 shapes (32×32×3) at batch 500. Methods
   are timed in interleaved rounds so that machine noise hits them alike.
   Also the compiled step's temporary memory
-  (``.lower(...).compile().memory_analysis()``) as a ratio to Adam's.
+  (``.lower(...).compile().memory_analysis()``) and XLA's count of its
+  floating-point operations (``cost_analysis()``, the arithmetic that
+  bounds the step time from below), as ratios to Adam's.
 * ``--section epoch``: one epoch of ``paper_mlp`` with the same initial
   weights and the same batches for every method; the full training-set loss
   after the epoch and the seconds spent in update steps.
@@ -144,6 +146,23 @@ def _transformation(name: str, learning_rate: float | None = None):
   return factory(lr), needs
 
 
+def _flops(compiled) -> float | None:
+  """XLA's estimate of a compiled program's floating-point operations.
+
+  ``compiled.cost_analysis()`` counts a loop body once, whatever its trip
+  count: the line searches of the paper variant (and any loop left rolled)
+  are undercounted, so the figure is a lower bound there.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except (NotImplementedError, RuntimeError):  # a backend without one
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  value = None if not cost else cost.get('flops')
+  return None if value is None or value < 0 else float(value)
+
+
 def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
               batch: int | None = None, rounds: int = 30,
               seed: int = 0) -> dict[str, Any]:
@@ -153,7 +172,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.random((batch, *shape)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-  steps, states, memory = {}, {}, {}
+  steps, states, memory, flops = {}, {}, {}, {}
   for name in methods:
     tx, needs = _transformation(name)
     net = models_lib.create_model(model, shape, 10, seed=seed)
@@ -162,6 +181,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
     analysis = compiled.memory_analysis()
     memory[name] = None if analysis is None else int(
         analysis.temp_size_in_bytes)
+    flops[name] = _flops(compiled)
     states[name], loss = steps[name](states[name], x, y)  # warm-up
     jax.block_until_ready(loss)
   times = {name: [] for name in methods}
@@ -180,6 +200,10 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
           'memory_ratio_to_adam': (
               None if memory[name] is None or not memory['adam'] else
               memory[name] / memory['adam']),
+          'flops': flops[name],
+          'flops_ratio_to_adam': (
+              None if flops[name] is None or not flops['adam'] else
+              flops[name] / flops['adam']),
       } for name in methods}
 
 
@@ -450,9 +474,11 @@ def markdown(out: dict[str, Any]) -> str:
     parts.append(f'**Step cost**, `{model}`, batch {res["batch"]}, random '
                  f'data, median of {res["rounds"]} interleaved rounds:\n\n'
                  + _table(res['methods'], ['median_ms', 'ratio_to_adam',
-                                           'memory_ratio_to_adam'],
+                                           'memory_ratio_to_adam',
+                                           'flops_ratio_to_adam'],
                           ['median ms', 'time / Adam',
-                           'compiled temp memory / Adam']))
+                           'compiled temp memory / Adam',
+                           'compiled flops / Adam']))
   if 'epoch' in out:
     parts.append('**One epoch**, `paper_mlp`, batch 100:\n\n' + _table(
         out['epoch'], ['start_loss', 'train_loss', 'update_seconds'],
@@ -566,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             'methods': res}
       print(f'\n## step cost, {model}, batch {batch}\n', flush=True)
       print(_table(res, ['median_ms', 'ratio_to_adam',
-                         'memory_ratio_to_adam']), flush=True)
+                         'memory_ratio_to_adam', 'flops_ratio_to_adam']),
+            flush=True)
   if {'epoch', 'target', 'robustness'} & set(sections):
     x, y = load_data(args)
   if 'epoch' in sections:

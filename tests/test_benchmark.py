@@ -41,7 +41,11 @@ def test_quick_benchmark_reports_every_section(tmp_path):
   assert list(step['methods']) == methods
   for row in step['methods'].values():
     assert set(row) == {'median_ms', 'ratio_to_adam', 'temp_bytes',
-                        'memory_ratio_to_adam'}
+                        'memory_ratio_to_adam', 'flops',
+                        'flops_ratio_to_adam'}
+    # XLA:CPU reports a cost analysis; a step does at least Adam's forward
+    # pass and gradient, so no method counts far fewer flops.
+    assert row['flops'] > 0 and row['flops_ratio_to_adam'] > 0.5
     assert _finite(row['ratio_to_adam']) and row['ratio_to_adam'] > 0
     if row['temp_bytes'] is not None:
       assert _finite(row['memory_ratio_to_adam'])
