@@ -67,8 +67,8 @@ def _spd_solve(a, b):
   Solved as ``bᵀ a⁻¹ = ((bᵀ L⁻ᵀ) L⁻¹)`` with the factor on the right: ``b``
   is row-major ``(n, d)``, i.e. ``bᵀ`` in LAPACK's column-major order, so
   the two triangular solves run without transposed copies of ``b``
-  (``jax.scipy.linalg.cho_solve`` takes ``b`` on the left; on XLA:CPU that
-  measured about 1.7× slower for ``n = 100, d = 500``).
+  (``jax.scipy.linalg.cho_solve`` takes ``b`` on the left, which on XLA:CPU
+  adds transposed copies of ``b`` around each solve).
   """
   factor = jnp.linalg.cholesky(a)
   solve = functools.partial(jax.lax.linalg.triangular_solve, factor,
@@ -316,10 +316,11 @@ class ConjugateGradient:
       d = jax.tree.map(lambda a, b: a + beta * b, r, d)
       return x, r, d, rr_new
 
-    # Unrolled for convolutions (the count is static and small): on XLA:CPU
-    # the same convolutions ran about 20× slower inside a loop body than
-    # outside (3 steps on a 5×5 conv layer at batch 500: 6.4 s looped,
-    # 0.27 s unrolled). Dense layers keep the loop, which compiles faster.
+    # Unrolled for convolutions (the count is static and small): XLA:CPU
+    # runs the same convolutions far slower inside a loop body (the
+    # ProxBP-cg3 ConvNet step of `examples/benchmark.py --section step`:
+    # 65× Adam's time looped, 2.3× unrolled). Dense layers keep the loop,
+    # which compiles faster.
     x, r, _, rr_end = jax.lax.fori_loop(
         0, self.iterations, step, (x, r, r, rr),
         unroll=isinstance(p.kind, problems_lib.Conv))
