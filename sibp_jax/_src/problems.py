@@ -168,6 +168,18 @@ class Conv:
                        f'not fit {kernel_shape[-1]} output channels')
 
 
+def unroll_loops(kind) -> bool:
+  """Whether solver loops over this layer's map should be unrolled.
+
+  True for convolutions: XLA:CPU runs the same convolutions far slower
+  inside a loop body (the ProxBP-cg3 ConvNet step of
+  ``examples/benchmark.py --section step``: 65× Adam's time looped, 2.3×
+  unrolled). Dense layers keep their loops, which compile faster. The
+  iteration counts are static and small, and accelerators lose nothing.
+  """
+  return isinstance(kind, Conv)
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
   """A parameter-free map ``f_i = s_i(g_i)`` between two linear layers.

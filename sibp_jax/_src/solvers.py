@@ -316,14 +316,9 @@ class ConjugateGradient:
       d = jax.tree.map(lambda a, b: a + beta * b, r, d)
       return x, r, d, rr_new
 
-    # Unrolled for convolutions (the count is static and small): XLA:CPU
-    # runs the same convolutions far slower inside a loop body (the
-    # ProxBP-cg3 ConvNet step of `examples/benchmark.py --section step`:
-    # 65× Adam's time looped, 2.3× unrolled). Dense layers keep the loop,
-    # which compiles faster.
     x, r, _, rr_end = jax.lax.fori_loop(
         0, self.iterations, step, (x, r, r, rr),
-        unroll=isinstance(p.kind, problems_lib.Conv))
+        unroll=problems_lib.unroll_loops(p.kind))
     info = SolveInfo(jnp.asarray(self.iterations, jnp.int32),
                      _ratio(jnp.sqrt(rr_end), jnp.sqrt(rr)))
     return x, info
@@ -406,7 +401,7 @@ class NonlinearCG:
         instead of one per trial plus two for the gradient.
       unroll: unroll the (static) iterations; for a ``linear`` that is a
         convolution, which XLA:CPU runs far slower inside a loop body (see
-        :meth:`ConjugateGradient.solve`).
+        :func:`sibp_jax._src.problems.unroll_loops`).
 
     Returns:
       ``(x, SolveInfo)``.
@@ -459,12 +454,14 @@ class NonlinearCG:
     def outer(v, c):
       return fun(v) + lam * jnp.vdot(c, v)
 
-    fun_grad = jax.value_and_grad(fun)
+    outer_grad = jax.value_and_grad(outer)
 
     def value_and_grad(v, c):
-      f, gv = fun_grad(v)
-      g = gv + 2 * lam * c
-      return f + lam * jnp.vdot(c, v), g, linear(g)
+      # ∂outer/∂v = ∇fun + λc; the gradient in the metric G is
+      # ∇fun + 2λc, since ‖Δ‖² = ⟨c, G c⟩ contributes 2λc there.
+      f, gv = outer_grad(v, c)
+      g = gv + lam * c
+      return f, g, linear(g)
 
     return self._iterate(outer, value_and_grad, linear, c0, False)
 

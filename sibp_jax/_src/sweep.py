@@ -199,7 +199,7 @@ class PaperRule:
       kernel, info_k = self.inner.minimize(
           lambda y, k: misfit(y if bias is None else y + bias) +
           proximal(k, old_kernel, self.lam_kernel), kernel, linear=product,
-          unroll=isinstance(layer.kind, problems_lib.Conv))
+          unroll=problems_lib.unroll_loops(layer.kind))
       base = None if bias is None else product(kernel)
     if bias is None:
       return LayerUpdate(kernel, None, info_k)
