@@ -44,6 +44,13 @@ PRECISION = problems_lib.PRECISION
 
 
 class LayerUpdate(NamedTuple):
+  """A layer's change ``X_new - X_old``, as the solvers compute it.
+
+  Handing on the change rather than the new parameters keeps a step that is
+  tiny next to the weights (ProxBP at small ``τ_prox``, SIBP at large ``λ``)
+  free of the cancellation in ``X_old - X_new``.
+  """
+
   kernel: jax.Array
   bias: jax.Array | None
   info: solvers.SolveInfo
@@ -60,7 +67,8 @@ def _ridge_update(solver, layer, kernel, bias, residual, lam_kernel,
   (dk, db), info = solver.solve(solvers.RidgeProblem(
       layer.kind, layer.inputs, residual, kernel.shape,
       None if bias is None else bias.shape, lam_kernel, lam_bias))
-  return LayerUpdate(kernel + dk, None if bias is None else bias + db, info)
+  del kernel, bias
+  return LayerUpdate(dk, db, info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +154,13 @@ class PaperRule:
       (dk, _), info_k = self.last_solver.solve(solvers.RidgeProblem(
           layer.kind, layer.inputs, residual, kernel.shape, None,
           self.lam_kernel, self.lam_bias))
-      kernel = kernel + dk
       if bias is None:
-        return LayerUpdate(kernel, None, info_k)
+        return LayerUpdate(dk, None, info_k)
       residual = residual - layer.kind.apply(dk, None, layer.inputs)
       (_, db), info_b = self.last_solver.solve(solvers.RidgeProblem(
           layer.kind, layer.inputs, residual, None, bias.shape,
           self.lam_kernel, self.lam_bias))
-      return LayerUpdate(kernel, bias + db, _sum_info(info_k, info_b))
+      return LayerUpdate(dk, db, _sum_info(info_k, info_b))
 
     activation = layer.segment(layer.outputs)
     target = activation - eta * e_f.astype(activation.dtype)
@@ -164,13 +171,15 @@ class PaperRule:
       # scalar all-reduce (explicit sharding refuses a sharded contraction).
       return jnp.sum(jnp.square(fit))
 
-    def proximal(x, old, lam):
-      return lam * jnp.vdot(x - old, x - old)
+    def proximal(delta, lam):
+      return lam * jnp.vdot(delta, delta)
 
     def product(k):
       return layer.kind.apply(k, None, layer.inputs)
 
-    old_kernel = kernel
+    # Both fits run in the change Δ from the old parameters (warm start
+    # Δ = 0), so that a step tiny next to the weights is not lost to
+    # cancellation in X_new - X_old.
     n = int(np.prod(layer.outputs.shape[:-1]))
     m = int(np.prod(kernel.shape[:-1]))
     if (n < m and self.inner.space == 'auto' and
@@ -188,26 +197,25 @@ class PaperRule:
       coef, image, info_k = self.inner.minimize_in_row_space(
           fit_rows, gram, self.lam_kernel,
           jnp.zeros((n, kernel.shape[-1]), kernel.dtype))
-      kernel = old_kernel + jnp.matmul(
-          design.T, coef, precision=PRECISION).reshape(kernel.shape)
-      base = None if bias is None else (
-          layer.outputs - bias + image.reshape(layer.outputs.shape))
+      dk = jnp.matmul(design.T, coef,
+                      precision=PRECISION).reshape(kernel.shape)
+      image = image.reshape(layer.outputs.shape)
     else:
       # The kernel's fit sees it through the layer's linear map, which the
       # solver applies once per iteration (not once per line-search
-      # trial); the bias's fit then reuses one product with the new kernel.
-      kernel, info_k = self.inner.minimize(
-          lambda y, k: misfit(y if bias is None else y + bias) +
-          proximal(k, old_kernel, self.lam_kernel), kernel, linear=product,
-          unroll=problems_lib.unroll_loops(layer.kind))
-      base = None if bias is None else product(kernel)
+      # trial); the bias's fit then reuses one product with the change.
+      dk, info_k = self.inner.minimize(
+          lambda y, d: misfit(layer.outputs + y) +
+          proximal(d, self.lam_kernel), jnp.zeros_like(kernel),
+          linear=product, unroll=problems_lib.unroll_loops(layer.kind))
+      image = None if bias is None else product(dk)
     if bias is None:
-      return LayerUpdate(kernel, None, info_k)
-    old_bias = bias
-    bias, info_b = self.inner.minimize(
-        lambda b: misfit(base + b) + proximal(b, old_bias, self.lam_bias),
-        bias)
-    return LayerUpdate(kernel, bias, _sum_info(info_k, info_b))
+      return LayerUpdate(dk, None, info_k)
+    base = layer.outputs + image
+    db, info_b = self.inner.minimize(
+        lambda d: misfit(base + d) + proximal(d, self.lam_bias),
+        jnp.zeros_like(bias))
+    return LayerUpdate(dk, db, _sum_info(info_k, info_b))
 
 
 def backward_sweep(problems: problems_lib.Problems, params, rule):
@@ -220,7 +228,8 @@ def backward_sweep(problems: problems_lib.Problems, params, rule):
     rule: a :class:`LinearizedRule`, :class:`PaperRule` or :class:`ProxRule`.
 
   Returns:
-    A list of :class:`LayerUpdate`, input to output.
+    A list of :class:`LayerUpdate` (the changes of the parameters), input to
+    output.
   """
   layers = problems.layers
   e_f = problems.output_error
@@ -236,7 +245,7 @@ def backward_sweep(problems: problems_lib.Problems, params, rule):
         layer.outputs, e_f).astype(dtype)
     updates[i] = rule(layer, kernel, bias, e_f, e_g)
     if i:
-      chain_kernel = updates[i].kernel if rule.chain_new else kernel
+      chain_kernel = kernel + updates[i].kernel if rule.chain_new else kernel
       _, pullback = jax.vjp(
           lambda f, k=chain_kernel, kind=layer.kind: kind.apply(k, None, f),
           layer.inputs)

@@ -178,10 +178,10 @@ def _layerwise(name, make_rule, scale_of):
     new = sweep.backward_sweep(problems, compute, rule)
     scale = scale_of(state.count)
     out = list(grad_leaves)
-    for (k, b), (old_k, old_b), upd in zip(located, compute, new):
-      out[k] = ((old_k - upd.kernel) / scale).astype(leaves[k].dtype)
+    for (k, b), upd in zip(located, new):
+      out[k] = (-upd.kernel / scale).astype(leaves[k].dtype)
       if b is not None:
-        out[b] = ((old_b - upd.bias) / scale).astype(leaves[b].dtype)
+        out[b] = (-upd.bias / scale).astype(leaves[b].dtype)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out]))
     out = [jnp.where(finite, x, jnp.zeros_like(x)) for x in out]
     info = SIBPInfo(
