@@ -194,12 +194,20 @@ def train_curve(name: str, x, y, learning_rate: float | None, *,
 
 
 def one_epoch(methods: Sequence[str], x, y, batch: int = 100,
-              seed: int = 0) -> dict[str, Any]:
-  """Training loss after one epoch, same initial weights and batches."""
+              seed: int = 0,
+              rates: dict[str, float] | None = None) -> dict[str, Any]:
+  """Training loss after one epoch, same initial weights and batches.
+
+  Each method runs at ``rates[name]``, by default its registry rate.
+  """
   results = {}
   for name in methods:
-    curve = train_curve(name, x, y, None, batch=batch, seed=seed)
-    results[name] = {'start_loss': curve[0][2], 'train_loss': curve[-1][2],
+    key, hp = METHODS[name]
+    lr = (rates or {}).get(name) or optimizers.default_learning_rate(
+        key, optimizers.Hyperparameters(**hp))
+    curve = train_curve(name, x, y, lr, batch=batch, seed=seed)
+    results[name] = {'learning_rate': lr, 'start_loss': curve[0][2],
+                     'train_loss': curve[-1][2],
                      'update_seconds': curve[-1][1]}
   return results
 
@@ -349,8 +357,10 @@ STEP_COLUMNS = (['median_ms', 'ratio_to_adam', 'memory_ratio_to_adam',
                  'flops_ratio_to_adam'],
                 ['median ms', 'time / Adam', 'compiled temp memory / Adam',
                  'compiled flops / Adam'])
-EPOCH_COLUMNS = (['start_loss', 'train_loss', 'update_seconds'],
-                 ['start loss', 'train loss after 1 epoch', 'update seconds'])
+EPOCH_COLUMNS = (['learning_rate', 'start_loss', 'train_loss',
+                  'update_seconds'],
+                 ['learning rate', 'start loss', 'train loss after 1 epoch',
+                  'update seconds'])
 TARGET_COLUMNS = (['learning_rate', 'reached', 'epochs',
                    'epochs_ratio_to_adam', 'update_seconds',
                    'update_seconds_ratio_to_adam', 'final_loss'],
@@ -426,6 +436,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       help='N synthetic examples instead of the dataset')
   add('--rounds', type=int, default=None, help='step: timed rounds (default '
       '30 for paper_mlp, 5 for the ProxBP models)')
+  add('--learning_rates', default='', metavar='NAME=LR,...',
+      help='epoch: these rates instead of the registry defaults')
   add('--table', default=None, help='target: take the learning rates from '
       'this table of examples/reproduce.py (default: tune on the grid)')
   add('--train_examples', type=int, default=None,
@@ -446,11 +458,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if 'all' in args.sections:
     args.sections = ['step', 'epoch', 'target', 'robustness']
   args.methods = [m for m in args.methods.split(',') if m]
+  try:
+    args.learning_rates = {k: float(v) for k, v in (
+        item.split('=') for item in args.learning_rates.split(',') if item)}
+  except ValueError:
+    parser.error(f'--learning_rates: expected NAME=LR,..., got '
+                 f'{args.learning_rates!r}')
   args.models = [m for m in args.models.split(',') if m]
   for what, got, known in (
       ('sections', args.sections, ('step', 'epoch', 'target', 'robustness')),
-      ('methods', args.methods, METHODS), ('models', args.models,
-                                           STEP_MODELS)):
+      ('methods', [*args.methods, *args.learning_rates], METHODS),
+      ('models', args.models, STEP_MODELS)):
     if set(got) - set(known):
       parser.error(f'unknown {what} {sorted(set(got) - set(known))}')
   if 'adam' not in args.methods:
@@ -487,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x, y = load_data(args)
   if 'epoch' in sections:
     xe, ye = _subsample(x, y, 2000 if args.quick else None, args.seed)
-    out['epoch'] = one_epoch(methods, xe, ye, seed=args.seed)
+    out['epoch'] = one_epoch(methods, xe, ye, seed=args.seed,
+                             rates=args.learning_rates)
     print('\n## one epoch\n\n' + _table(out['epoch'], *EPOCH_COLUMNS),
           flush=True)
   if 'target' in sections:

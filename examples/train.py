@@ -370,7 +370,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
   add = parser.add_argument
   add('--preset', choices=sorted(PRESETS), default=None,
       help="a paper's setting (model, batch size, epochs); flags override")
-  preset = parser.parse_known_args(argv)[0].preset
+  first = argparse.ArgumentParser(add_help=False)
+  first.add_argument('--preset', choices=sorted(PRESETS), default=None)
+  preset = first.parse_known_args(argv)[0].preset
   d = Config(**(preset_settings(preset) if preset else {}))
   add('--dataset', choices=input_pipeline.DATASETS, default=d.dataset,
       help='digits is bundled with scikit-learn (no download)')
