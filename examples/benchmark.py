@@ -31,18 +31,9 @@ entry of ``examples/optimizers.py`` and trains with the one step of
   when the final training loss is finite and below the start; the range is
   the largest ``max/min`` of a contiguous run of working rates.
 
-Data: Fashion-MNIST's 60,000 training images (``--data_dir``, a prepared
-TFDS directory), or ``--mock_data N`` synthetic images whose labels a random
-linear teacher gives (for tests). ``--train_examples`` subsamples the data
-of ``target`` and ``robustness``. On a CPU whose cores are busy set
-``OPENBLAS_NUM_THREADS=1`` (the exact solves' triangular solves go through
-OpenBLAS, whose threads spin-wait on shared cores)::
-
-  OPENBLAS_NUM_THREADS=1 python examples/benchmark.py --section step
-  OPENBLAS_NUM_THREADS=1 python examples/benchmark.py --section epoch \
-      --data_dir ~/tensorflow_datasets --json bench.json --markdown bench.md
-  python examples/benchmark.py --quick --mock_data 2000   # a few minutes
-
+Data: Fashion-MNIST's 60,000 training images (``--data_dir``), or
+``--mock_data N`` synthetic images labelled by a random linear teacher.
+``docs/performance.md`` has the commands and their results.
 ``--quick`` runs a reduced version of every section with the same keys.
 """
 

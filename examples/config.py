@@ -92,44 +92,26 @@ class Config(optimizers.Hyperparameters):
   sweep: tuple[float, ...] | None = None
 
 
+def _methods(**changes) -> dict[str, tuple[str, dict[str, Any], Any]]:
+  methods = {name: (name, {}, None) for name in (
+      'sibp_linearized', 'sibp_paper', 'proxbp', 'sgd', 'adam', 'muon',
+      'schedule_free_adamw')}
+  return {**methods, **changes}
+
+
 # The papers' settings. ``methods``: reproduction label -> (optimizer,
 # extra settings, learning-rate grid or None for the registry's).
 PRESETS: dict[str, dict[str, Any]] = {
     'sibp': dict(  # the SIBP authors' run
-        model='paper_mlp', batch_size=100, epochs=5,
-        methods={
-            'sibp_linearized': ('sibp_linearized', {}, None),
-            'sibp_paper': ('sibp_paper', {}, None),
-            'proxbp': ('proxbp', {}, None),
-            'sgd': ('sgd', {}, None),
-            'adam': ('adam', {}, None),
-            'muon': ('muon', {}, None),
-            'schedule_free_adamw': ('schedule_free_adamw', {}, None),
-        }),
-    'proxprop_mlp': dict(  # the ProxBP authors' MLP
-        model='proxprop_mlp', batch_size=500, epochs=5,
-        methods={
-            'sibp_linearized': ('sibp_linearized', {}, None),
-            'sibp_paper': ('sibp_paper', {}, None),
-            'proxbp': ('proxbp', {'tau_prox': 0.05}, None),
-            'sgd': ('nesterov', {}, None),
-            'adam': ('adam', {}, None),
-            'muon': ('muon', {}, None),
-            'schedule_free_adamw': ('schedule_free_adamw', {}, None),
-        }),
-    'proxprop_convnet': dict(  # the ProxBP authors' ConvNet
-        model='proxprop_convnet', batch_size=500, epochs=3,
-        methods={
-            'sibp_linearized': ('sibp_linearized', {}, None),
-            'sibp_paper': ('sibp_paper', {}, None),
-            'proxbp': ('proxbp', {'tau_prox': 1.0, 'proxbp_outer': 'adam',
-                                  'proxbp_solver': 'cg3'},
-                       (3e-4, 1e-3, 3e-3)),
-            'sgd': ('sgd', {}, None),
-            'adam': ('adam', {}, None),
-            'muon': ('muon', {}, None),
-            'schedule_free_adamw': ('schedule_free_adamw', {}, None),
-        }),
+        model='paper_mlp', batch_size=100, epochs=5, methods=_methods()),
+    'proxprop_mlp': dict(  # the ProxBP authors' MLP, Nesterov backprop
+        model='proxprop_mlp', batch_size=500, epochs=5, methods=_methods(
+            proxbp=('proxbp', {'tau_prox': 0.05}, None),
+            sgd=('nesterov', {}, None))),
+    'proxprop_convnet': dict(  # the ProxBP authors' ConvNet, Adam outside
+        model='proxprop_convnet', batch_size=500, epochs=3, methods=_methods(
+            proxbp=('proxbp', {'tau_prox': 1.0, 'proxbp_outer': 'adam',
+                               'proxbp_solver': 'cg3'}, (3e-4, 1e-3, 3e-3)))),
 }
 
 

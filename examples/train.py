@@ -1,99 +1,41 @@
 r"""One training script for every experiment: a model, an optimizer, a dataset.
 
-Trains one of the papers' networks (``examples/models.py``) with SIBP, ProxBP
-or a first-order baseline on one dataset (``examples/input_pipeline.py``) and
-records, after every epoch, the full training-set loss and accuracy, the
-validation and test loss and accuracy, and the cumulative seconds spent in
-update steps alone (compilation and evaluation excluded)::
+Trains a network of ``models.py`` with an optimizer of ``optimizers.py``
+(SIBP, ProxBP or a first-order baseline) on a dataset of
+``input_pipeline.py``, with the settings of ``config.py`` (flags of the same
+names, ``--preset`` for the papers' settings). After every epoch it records
+the full training-set loss and accuracy, the validation and test loss and
+accuracy, and the cumulative seconds spent in update steps alone
+(compilation and evaluation excluded)::
 
-  python examples/train.py --dataset mnist --model paper_mlp \
-      --optimizer sibp --epochs 5 --metrics_out sibp.json --plot_out sibp.png
-  python examples/train.py --dataset cifar10 --model proxprop_mlp \
-      --optimizer proxbp --proxbp_solver cg3 --batch_size 500 --epochs 50
+  python examples/train.py --dataset mnist --optimizer sibp --epochs 5 \
+      --metrics_out sibp.json --plot_out sibp.png
+  python examples/train.py --dataset cifar10 --preset proxprop_mlp \
+      --optimizer proxbp --proxbp_solver cg3
   python examples/train.py --dataset digits --optimizer adam   # offline
-  python examples/compare.py sibp.json adam.json --out compare.png
 
-The defaults are the SIBP authors' reference run (MNIST, ``paper_mlp``,
-batch 100, 5 epochs, ``η = 0.1``, ``λ_W = λ_b = 1``) with the library's
-default (linearized) SIBP. A TFDS dataset that is not prepared is downloaded
-and prepared on the first run (needs internet and TensorFlow, which
-``pip install ".[examples,prepare]"`` installs); training itself reads the
-prepared array_record files without TensorFlow. Without internet, use
-``--dataset digits`` or ``--data_dir`` of a prepared copy.
+The defaults are the SIBP authors' run (MNIST, ``paper_mlp``, batch 100,
+5 epochs, ``η = 0.1``, ``λ_W = λ_b = 1``) with the library's default
+(linearized) SIBP. Batches are a seeded permutation per epoch, a function of
+``(seed, epoch)``; the last partial batch is dropped so the step compiles
+once. ``--metrics_out FILE.json`` is rewritten atomically after every
+epoch::
 
-Optimizers (default learning rate when ``--learning_rate`` is not given):
-
-* ``sibp`` (0.1): ``sibp_jax.sibp``, the library default (linearized)
-  variant; ``sibp_linearized`` names it explicitly; ``sibp_paper`` (0.1) is
-  the authors' fit through the activation by ``--inner_iterations`` steps of
-  nonlinear CG. The learning rate is ``η``, the step on the neurons;
-  ``--lambda_w``, ``--lambda_b`` (1, 1) are the proximal weights.
-* ``proxbp`` (1.0 with the Nesterov outer step, 1e-3 with Adam):
-  ``sibp_jax.proxbp`` with ``--tau_prox`` (0.05), ``--proxbp_solver``
-  (``exact`` or ``cgN``: N conjugate-gradient steps), ``--proxbp_outer``
-  (``nesterov`` with ``--momentum`` 0.95, or ``adam``).
-* ``sgd`` (0.1), ``nesterov`` (0.05, ``--momentum`` 0.95), ``adam`` (1e-3):
-  optax on the plain gradient.
-
-Every step has the same batch shape (the last partial batch of an epoch is
-dropped), so each jitted step compiles once. Batches are drawn by a seeded
-permutation per epoch (the SIBP authors drew them with replacement; an epoch
-here sees every kept example once). The update time of a step is measured
-from the call to the moment its new parameters are ready, with the batch
-already gathered on the device. On CPU, set ``OPENBLAS_NUM_THREADS=1`` when
-the cores are shared: the exact solves' triangular solves go through
-OpenBLAS, whose threads spin-wait badly on busy cores (one SIBP epoch of
-Fashion-MNIST took 10.3 s of updates without it and 2.9 s with it on a busy
-2-core machine), which would distort the seconds recorded.
-
-``--metrics_out FILE.json`` is rewritten (atomically) after every epoch::
-
-  {"config": {...}, "data": {...}, "initial": {...},
+  {"config": {...}, "data": {...}, "device": "...", "initial": {...},
    "history": [{"epoch", "train_loss", "train_accuracy", "val_loss",
                 "val_accuracy", "test_loss", "test_accuracy", "seconds",
                 "train_examples_per_second"}, ...]}
 
-``initial`` holds the same evaluation before the first step (epoch 0).
-Non-finite values are written as ``null``.
-
-Checkpoints and resuming. With ``--checkpoint_dir DIR`` the run saves, with
-orbax, at the end of every epoch: the whole ``nnx.split`` state of model
-and optimizer (parameters, optimizer counts, moments, ``info``), the
-position (epoch and step within it), the settings and the metrics so far.
-Ctrl-C finishes the step under way, saves the state after it (mid-epoch)
-and exits with status 130 and the command that resumes; a second Ctrl-C
-stops at once. ``--resume`` continues from the latest checkpoint in ``DIR``
-at exactly the next step (``--epochs`` may be raised)::
-
-  python examples/train.py --dataset digits --epochs 2 --checkpoint_dir ck
-  python examples/train.py --dataset digits --epochs 4 --checkpoint_dir ck \
-      --resume
-
-The batch order is a pure function of ``(seed, epoch)`` and no other
-randomness enters a step, so on one machine a resumed run ends with
-parameters bitwise equal to an uninterrupted one, and two runs with the
-same seed are bitwise equal (the recorded seconds aside). ``--resume``
-without a checkpoint starts afresh (with a note); a checkpoint written with
-other settings (model, optimizer and its hyperparameters, dataset and its
-sizes, batch size, seed) is refused with a message naming them.
-``--params_out FILE.npz`` writes the final parameters; ``--stop_after_steps
-N`` acts as a Ctrl-C after ``N`` steps of this run (for tests).
-
-Learning-rate sweeps. ``--sweep LR1,LR2,...`` trains K runs of the same
-optimizer, one per learning rate, in ONE compiled program: the train step
-under ``jax.vmap`` over the K stacked parameters and
-``optax.inject_hyperparams`` states, from the same initial weights on the
-same batches. ``--metrics_out`` then holds ``{"config", "data", "device",
-"sweep": [metrics of rate 1, ...]}``, each entry a run's metrics as above
-(its ``config.learning_rate`` the rate), which ``compare.py`` can read; the
-``seconds`` are the whole sweep's update time (all K rates together)::
-
-  python examples/train.py --dataset digits --optimizer sibp \
-      --sweep 0.03,0.1,0.3,1 --metrics_out sweep.json
-
-A sweep takes no ``--learning_rate`` and is not checkpointed: it refuses
-``--checkpoint_dir``, ``--resume``, ``--params_out`` and
-``--stop_after_steps``.
+(``initial``: the same before the first step; non-finite values are
+``null``). ``--checkpoint_dir DIR`` saves model and optimizer with orbax
+after every epoch; Ctrl-C saves after the step under way and exits with
+status 130 and the command that resumes; ``--resume`` continues at exactly
+the next step, bitwise equal to an uninterrupted run on one machine, and
+refuses a checkpoint of other settings. ``--sweep LR1,LR2,...`` trains one
+run per learning rate in ONE program (the same step under ``jax.vmap``);
+``--metrics_out`` then holds ``{"config", "data", "device", "sweep": [one
+metrics dict per rate]}``, whose ``seconds`` are the whole sweep's. A sweep
+is not checkpointed. ``docs/experiments.md`` shows all of it in use.
 """
 
 from __future__ import annotations
