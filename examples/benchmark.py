@@ -361,38 +361,45 @@ ROBUSTNESS_COLUMNS = (['working_range', 'range', 'range_ratio_to_sgd'],
                       ['working rates', 'range (max/min)', "range / SGD's"])
 
 
+def _section_markdown(name: str, res: Any) -> list[str]:
+  """One section's results as markdown: a caption and a table each."""
+  if name == 'step':
+    return [f'**Step cost**, `{model}`, batch {r["batch"]}, random data, '
+            f'median of {r["rounds"]} interleaved rounds:\n\n'
+            + _table(r['methods'], *STEP_COLUMNS) for model, r in res.items()]
+  if name == 'epoch':
+    return ['**One epoch**, `paper_mlp`, batch 100:\n\n'
+            + _table(res, *EPOCH_COLUMNS)]
+  if name == 'target':
+    caption = (
+        f'{res["train_examples"]} training examples: target = Adam\'s full '
+        f'training loss after {res["target_epochs"]} epochs = '
+        f'{res["target_loss"]:.4f}; loss evaluated {res["evals_per_epoch"]}× '
+        f'per epoch, at most {res["max_epochs"]} epochs')
+    return [f'**Time to target**, `paper_mlp`, batch 100, {caption}:\n\n'
+            + _table(res['methods'], *TARGET_COLUMNS)]
+  rates = res['learning_rates']
+  caption = (
+      f'one epoch of {res["train_examples"]} examples (start loss '
+      f'{res["start_loss"]:.4f}), learning rates {_fmt(rates[0])} … '
+      f'{_fmt(rates[-1])} ({len(rates)} log-spaced), one vmapped program '
+      'per method; a rate works when the final training loss is finite and '
+      'below the start')
+  return [f'**Step-size robustness**, `paper_mlp`, batch 100, {caption}:'
+          '\n\n' + _table(res['methods'], *ROBUSTNESS_COLUMNS)]
+
+
+SECTIONS = ('step', 'epoch', 'target', 'robustness')
+
+
 def markdown(out: dict[str, Any]) -> str:
   """The results as markdown tables, one per section."""
   parts = [f'Device: {out["device"]} ({out["backend"]}); '
            f'OPENBLAS_NUM_THREADS={out["openblas_num_threads"]}'
            f'{"; --quick" if out["quick"] else ""}.']
-  for model, res in out.get('step', {}).items():
-    parts.append(f'**Step cost**, `{model}`, batch {res["batch"]}, random '
-                 f'data, median of {res["rounds"]} interleaved rounds:\n\n'
-                 + _table(res['methods'], *STEP_COLUMNS))
-  if 'epoch' in out:
-    parts.append('**One epoch**, `paper_mlp`, batch 100:\n\n'
-                 + _table(out['epoch'], *EPOCH_COLUMNS))
-  if 'target' in out:
-    t = out['target']
-    parts.append(
-        f'**Time to target**, `paper_mlp`, batch 100, '
-        f'{t["train_examples"]} training examples: target = Adam\'s full '
-        f'training loss after {t["target_epochs"]} epochs = '
-        f'{t["target_loss"]:.4f}; loss evaluated {t["evals_per_epoch"]}× '
-        f'per epoch, at most {t["max_epochs"]} epochs:\n\n'
-        + _table(t['methods'], *TARGET_COLUMNS))
-  if 'robustness' in out:
-    r = out['robustness']
-    parts.append(
-        f'**Step-size robustness**, `paper_mlp`, batch 100, one epoch of '
-        f'{r["train_examples"]} examples (start loss '
-        f'{r["start_loss"]:.4f}), learning rates '
-        f'{_fmt(r["learning_rates"][0])} … {_fmt(r["learning_rates"][-1])} '
-        f'({len(r["learning_rates"])} log-spaced), one vmapped program per '
-        'method; a rate works when the final training loss is finite and '
-        'below the start:\n\n'
-        + _table(r['methods'], *ROBUSTNESS_COLUMNS))
+  for name in SECTIONS:
+    if name in out:
+      parts += _section_markdown(name, out[name])
   return '\n\n'.join(parts) + '\n'
 
 
@@ -447,7 +454,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   args.sections = [s for s in args.section.split(',') if s]
   if 'all' in args.sections:
-    args.sections = ['step', 'epoch', 'target', 'robustness']
+    args.sections = list(SECTIONS)
   args.methods = [m for m in args.methods.split(',') if m]
   try:
     args.learning_rates = {k: float(v) for k, v in (
@@ -457,7 +464,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  f'{args.learning_rates!r}')
   args.models = [m for m in args.models.split(',') if m]
   for what, got, known in (
-      ('sections', args.sections, ('step', 'epoch', 'target', 'robustness')),
+      ('sections', args.sections, SECTIONS),
       ('methods', [*args.methods, *args.learning_rates], METHODS),
       ('models', args.models, STEP_MODELS)):
     if set(got) - set(known):
@@ -490,16 +497,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch, rounds = (batch, 5) if model == 'paper_mlp' else (50, 2)
       res = step_cost(methods, model, batch, rounds, args.seed)
       out['step'][model] = {'batch': batch, 'rounds': rounds, 'methods': res}
-      print(f'\n## step cost, {model}, batch {batch}\n\n'
-            + _table(res, *STEP_COLUMNS), flush=True)
+      print(_section_markdown('step', {model: out['step'][model]})[0],
+            flush=True)
   if {'epoch', 'target', 'robustness'} & set(sections):
     x, y = load_data(args)
   if 'epoch' in sections:
     xe, ye = _subsample(x, y, 2000 if args.quick else None, args.seed)
     out['epoch'] = one_epoch(methods, xe, ye, seed=args.seed,
                              rates=args.learning_rates)
-    print('\n## one epoch\n\n' + _table(out['epoch'], *EPOCH_COLUMNS),
-          flush=True)
+    print(*_section_markdown('epoch', out['epoch']), flush=True)
   if 'target' in sections:
     xt, yt = _subsample(x, y, args.train_examples, args.seed)
     rates = best_learning_rates(methods, xt, yt, args.table, args.seed)
@@ -507,8 +513,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         methods, xt, yt, rates, target_epochs=args.target_epochs,
         max_epochs=args.max_epochs, evals_per_epoch=args.evals_per_epoch,
         seed=args.seed)
-    print('\n## time to target\n\n' + _table(out['target']['methods'],
-                                             *TARGET_COLUMNS), flush=True)
+    print(*_section_markdown('target', out['target']), flush=True)
   if 'robustness' in sections:
     n = args.robustness_examples or args.train_examples
     xr, yr = _subsample(x, y, n, args.seed)
@@ -516,8 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out['robustness'] = robustness(rob_methods, xr, yr,
                                    grid_points=args.grid_points,
                                    seed=args.seed)
-    print('\n## step-size robustness\n\n' + _table(
-        out['robustness']['methods'], *ROBUSTNESS_COLUMNS), flush=True)
+    print(*_section_markdown('robustness', out['robustness']), flush=True)
   text = markdown(out)
   print('\n' + text, flush=True)
   if args.markdown:
