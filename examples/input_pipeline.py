@@ -9,8 +9,8 @@ r"""Datasets for the examples: train / validation / test arrays in memory.
   MNIST-like divided by 255 to ``[0, 1]``; CIFAR-10 divided by the maximum of
   the training images (no mean subtraction, no augmentation), as ProxBP.
 * ``digits``: scikit-learn's bundled 8×8 digits (pixels ``/16``), for
-  machines without internet; split as ``examples/quickstart.py`` does
-  (360 test images), the validation set held out from the rest.
+  machines without internet; 360 test images (a stratified split, seed 0),
+  the validation set held out from the rest.
 * ``mock_data=N``: ``tfds.testing.mock_data`` with ``N`` random examples per
   split (for tests); shapes as the real dataset.
 
@@ -36,6 +36,7 @@ import numpy as np
 DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
 _TFDS = {'mnist', 'fashion_mnist', 'cifar10'}
 VALIDATION_EXAMPLES = 5000
+DIGITS_TEST_EXAMPLES = 360  # of 1,797
 _READ_CHUNK = 10_000
 
 
@@ -162,11 +163,29 @@ def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
 
 
 def _load_digits():
-  import quickstart  # pylint: disable=import-outside-toplevel
-  x_train, y_train, x_test, y_test = quickstart.load_digits_split(seed=0)
-  # quickstart gives flat rows in [0, 1] (pixels / 16): back to 8×8 images.
-  return (x_train.reshape(-1, 8, 8, 1), y_train,
-          x_test.reshape(-1, 8, 8, 1), y_test, 10)
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel
+  from sklearn import model_selection  # pylint: disable=import-outside-toplevel
+  digits = datasets.load_digits()
+  x = (digits.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+  y = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      x, y, test_size=DIGITS_TEST_EXAMPLES, random_state=0, stratify=y)
+  return x_train, y_train, x_test, y_test, 10
+
+
+def teacher_data(n: int, input_shape=(28, 28, 1), classes: int = 10,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """``n`` random images in [0, 1] labelled by a random linear teacher.
+
+  Unlike TFDS's mock data, the labels are learnable (for the benchmark's
+  tests).
+  """
+  rng = np.random.default_rng(seed)
+  d = int(np.prod(input_shape))
+  x = rng.random((n, d)).astype(np.float32)
+  teacher = rng.normal(size=(d, classes)).astype(np.float32)
+  y = np.argmax((x - 0.5) @ teacher, axis=1).astype(np.int32)
+  return x.reshape(n, *input_shape), y
 
 
 def load(name: str, data_dir: str | None = None, *,

@@ -1,20 +1,22 @@
 """Smoke test of examples/benchmark.py: every section, --quick, mock data.
 
 Runs ``benchmark.main(['--quick', ...])`` on synthetic data (no dataset
-needed) and the SIBP authors' small network only, and checks the JSON keys
-and that the ratios are finite; the numbers themselves are the benchmark's
-business, not the test's.
+needed), the SIBP authors' small network only and a subset of the methods
+(every method's step is the one of ``steps.py``, and every registry entry
+trains in ``test_train.py``), and checks the JSON keys and that the ratios
+are finite; the numbers themselves are the benchmark's business.
 """
 
 import json
 import math
-import pathlib
-import sys
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
-sys.path.insert(0, str(EXAMPLES))
+import pytest
 
-import benchmark  # noqa: E402
+import benchmark
+
+# SIBP (the problems path), schedule-free AdamW (evaluated at its averaged
+# iterate), SGD (the robustness reference) and Adam (the time reference).
+METHODS = ['sibp_linearized', 'sgd', 'schedule_free_adamw', 'adam']
 
 
 def _finite(v):
@@ -22,11 +24,10 @@ def _finite(v):
 
 
 def test_quick_benchmark_reports_every_section(tmp_path):
-  methods = list(benchmark.METHODS)
   out = benchmark.main([
       '--quick', '--section', 'all', '--models', 'paper_mlp',
-      '--mock_data', '400', '--train_examples', '400', '--grid_points', '4',
-      '--table', str(tmp_path / 'missing.md'),
+      '--methods', ','.join(METHODS), '--mock_data', '300',
+      '--train_examples', '300', '--grid_points', '3',
       '--json', str(tmp_path / 'b.json'),
       '--markdown', str(tmp_path / 'b.md')])
   assert json.loads((tmp_path / 'b.json').read_text()) == json.loads(
@@ -38,7 +39,7 @@ def test_quick_benchmark_reports_every_section(tmp_path):
 
   step = out['step']['paper_mlp']
   assert set(step) == {'batch', 'rounds', 'methods'}
-  assert list(step['methods']) == methods
+  assert list(step['methods']) == METHODS
   for row in step['methods'].values():
     assert set(row) == {'median_ms', 'ratio_to_adam', 'temp_bytes',
                         'memory_ratio_to_adam', 'flops',
@@ -57,7 +58,7 @@ def test_quick_benchmark_reports_every_section(tmp_path):
 
   target = out['target']
   assert _finite(target['target_loss'])
-  assert list(target['methods']) == methods
+  assert list(target['methods']) == METHODS
   for row in target['methods'].values():
     assert set(row) >= {'learning_rate', 'rate_source', 'reached', 'epochs',
                         'update_seconds', 'epochs_ratio_to_adam',
@@ -69,32 +70,41 @@ def test_quick_benchmark_reports_every_section(tmp_path):
       assert row['epochs'] is None and row['epochs_ratio_to_adam'] is None
   assert target['methods']['adam']['reached']
   assert target['methods']['adam']['epochs_ratio_to_adam'] == 1.0
-  # No table: the stated defaults.
-  assert target['methods']['sibp_linearized']['learning_rate'] == 0.1
-  assert 'default' in target['methods']['sibp_linearized']['rate_source']
+  # Without --table the rate is the best of the registry's grid.
+  sgd = target['methods']['sgd']
+  assert sgd['learning_rate'] in (0.03, 0.1, 0.3)
+  assert 'grid 0.03, 0.1, 0.3' in sgd['rate_source']
 
   rob = out['robustness']
-  assert len(rob['learning_rates']) == 4
+  assert len(rob['learning_rates']) == 3
   assert rob['learning_rates'][0] == 1e-3 and rob['learning_rates'][-1] == (
       1e2)
   for row in rob['methods'].values():
-    assert len(row['losses']) == 4
+    assert len(row['losses']) == 3
     assert row['range'] >= 0 and _finite(row['range_ratio_to_sgd'])
   assert rob['methods']['sgd']['range_ratio_to_sgd'] == 1.0
 
 
-def test_best_learning_rates_reads_the_reproduction_table(tmp_path):
+def test_learning_rates_from_the_reproduction_table(tmp_path):
   table = tmp_path / 'table.md'
   table.write_text(
       '| method | learning rate (grid) | final train loss |\n'
       '|---|---|---|\n'
       '| proxbp | 3 (0.3, 1, 3) | 0.1 |\n'
       '| adam | 0.001 (0.0003, 0.001, 0.003) | 0.2 |\n')
-  rates = benchmark.best_learning_rates(
-      ['proxbp', 'proxbp_cg3', 'adam', 'sgd'], str(table))
+  rates = benchmark.best_learning_rates(['proxbp', 'proxbp_cg3', 'adam'],
+                                        None, None, str(table))
   assert rates['proxbp']['learning_rate'] == 3.0
   assert rates['proxbp_cg3']['learning_rate'] == 3.0
-  assert 'for proxbp' in rates['proxbp_cg3']['source']
+  assert 'row proxbp' in rates['proxbp_cg3']['source']
   assert rates['adam']['learning_rate'] == 1e-3
-  assert rates['sgd']['learning_rate'] == benchmark.DEFAULT_LEARNING_RATES[
-      'sgd']
+  # A method without a row is an error, not a silent default.
+  with pytest.raises(ValueError, match='no row for sgd'):
+    benchmark.best_learning_rates(['sgd'], None, None, str(table))
+
+
+def test_working_range():
+  rates = [1e-3, 1e-2, 1e-1, 1.0]
+  works = __import__('numpy').array([True, False, True, True])
+  assert benchmark.working_range(rates, works) == (10.0, (0.1, 1.0))
+  assert benchmark.working_range(rates, ~works | True)[0] == 1e3

@@ -1,9 +1,12 @@
-"""The README's code and the docstrings' examples run; citations agree."""
+"""The README's and docs' code runs, their references exist, citations agree."""
 
 import doctest
+import importlib
 import pathlib
 import re
+import shlex
 
+import numpy as np
 import pytest
 
 import sibp_jax
@@ -13,16 +16,82 @@ from sibp_jax._src import flax_nnx
 from sibp_jax._src import transform
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / 'README.md').read_text()
+PAGES = {p.relative_to(ROOT).as_posix(): p.read_text()
+         for p in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]}
+README = PAGES['README.md']
 
 
-def _blocks(language):
-  return re.findall(rf'```{language}\n(.*?)```', README, flags=re.S)
+def _blocks(text, language):
+  return re.findall(rf'```{language}\n(.*?)```', text, flags=re.S)
 
 
-@pytest.mark.parametrize('index', range(len(_blocks('python'))))
-def test_readme_python_blocks_run(index, capsys):
-  exec(compile(_blocks('python')[index], f'README block {index}', 'exec'), {})
+PYTHON = [(page, i) for page, text in PAGES.items()
+          for i in range(len(_blocks(text, 'python')))]
+# Command blocks that run an example on bundled data (no dataset needed).
+COMMANDS = [(page, block) for page, text in PAGES.items()
+            for block in _blocks(text, 'bash')
+            if block.startswith('python examples/')]
+
+
+def test_docs_pages_exist():
+  assert {'docs/algorithms.md', 'docs/experiments.md', 'docs/performance.md',
+          'docs/scaling.md'} <= set(PAGES)
+  assert len(README.splitlines()) <= 250
+
+
+@pytest.mark.parametrize(('page', 'index'), PYTHON)
+def test_python_blocks_run(page, index, capsys):
+  code = _blocks(PAGES[page], 'python')[index]
+  exec(compile(code, f'{page} block {index}', 'exec'), {})
+
+
+@pytest.mark.parametrize(('page', 'block'), COMMANDS,
+                         ids=[f'{p}-{i}' for i, (p, _) in enumerate(COMMANDS)])
+def test_example_commands_run(page, block, tmp_path, monkeypatch):
+  """Each ``python examples/X.py ...`` line, in-process, in a fresh folder."""
+  monkeypatch.chdir(tmp_path)
+  for line in block.strip().splitlines():
+    _, script, *args = shlex.split(line)
+    main = importlib.import_module(pathlib.Path(script).stem).main
+    try:
+      main(args)
+    except SystemExit as e:
+      # An interruption by --stop_after_steps exits as Ctrl-C does.
+      assert e.code == 130, (page, line, e.code)
+  if (tmp_path / 'resumed.npz').exists():  # the resumed run is the same run
+    with np.load(tmp_path / 'full.npz') as a, np.load(
+        tmp_path / 'resumed.npz') as b:
+      assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_every_referenced_file_exists():
+  for page, text in PAGES.items():
+    base = (ROOT / page).parent
+    for link in re.findall(r'\]\(([^)#:]+)(?:#[^)]*)?\)', text):
+      assert (base / link).exists(), (page, link)
+    for path in re.findall(r'`((?:examples|tests|docs|sibp_jax)/[\w./]+)',
+                           text):
+      assert (ROOT / path).exists(), (page, path)
+
+
+def test_no_references_outside_the_repository():
+  # Pages, example code and tests may cite only what a clone has.
+  files = [*PAGES.items(), *[
+      (p.relative_to(ROOT).as_posix(), p.read_text())
+      for p in [*(ROOT / 'examples').glob('*.py'),
+                *(ROOT / 'tests').glob('test_*.py')]
+      if p.name in EXAMPLE_SIDE or p.parent.name == 'examples']]
+  for name, text in files:
+    for bad in ('SIBP' + '.md', '../' + 'shared', '/wo' + 'rk/'):
+      assert bad not in text, (name, bad)
+  for page, text in PAGES.items():
+    assert not re.search(r'\bcommits? `?[0-9a-f]{7,40}\b', text), page
+    assert not re.search(r'\bissue \d+', text), page
+
+
+EXAMPLE_SIDE = {'test_train.py', 'test_resume.py', 'test_benchmark.py',
+                'test_reproduce.py', 'test_quickstart.py', 'test_docs.py',
+                'test_cifar10_prepare.py'}
 
 
 def test_readme_commands_match_ci():
@@ -46,7 +115,7 @@ def test_docstring_examples(module):
 def test_bibtex_matches_citation_cff():
   cff = (ROOT / 'CITATION.cff').read_text()
   preferred = cff.split('preferred-citation:', 1)[1]
-  bib = _blocks('bibtex')[0]
+  bib = _blocks(README, 'bibtex')[0]
   field = lambda name: re.search(rf'{name}\s*=\s*\{{(.*?)\}},?\n', bib).group(1)
   assert f'title: "{field("title")}"' in preferred
   assert f'journal: "{field("journal")}"' in preferred

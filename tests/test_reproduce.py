@@ -1,30 +1,28 @@
 """examples/reproduce.py: the grid runs, skips finished runs, and summarizes."""
 
 import json
+import math
 import os
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
-                       'examples'))
 pytest.importorskip('sklearn')
 pytest.importorskip('tqdm')
+
 import reproduce  # noqa: E402
 
 
 def test_grid_summary_and_resume(tmp_path, capsys):
   out = tmp_path / 'runs'
   argv = ['--setting', 'sibp', '--dataset', 'digits', '--out_dir', str(out),
-          '--seeds', '0,1', '--epochs', '1', '--methods',
-          'sgd,sibp_linearized']
+          '--seeds', '0,1', '--epochs', '1', '--train_examples', '300',
+          '--methods', 'sgd,sibp_linearized']
   table = reproduce.main(argv)
   files = sorted(os.listdir(out))
   # 3 SGD rates × 2 seeds + 1 SIBP rate × 2 seeds, and the table.
   assert len([f for f in files if f.endswith('.json')]) == 8
   assert (out / 'table.md').read_text().strip() == table
-  rows = [line for line in table.splitlines()[2:]]
+  rows = table.splitlines()[2:]
   assert {r.split('|')[1].strip() for r in rows} == {'sgd',
                                                       'sibp_linearized'}
   assert '| 2 |' in rows[0]
@@ -32,8 +30,7 @@ def test_grid_summary_and_resume(tmp_path, capsys):
   losses = {}
   for f in files:
     if f.startswith('sgd'):
-      with open(out / f) as fh:
-        m = json.load(fh)
+      m = json.loads((out / f).read_text())
       losses.setdefault(m['config']['learning_rate'], []).append(
           m['history'][-1]['train_loss'])
   best = min(losses, key=lambda lr: sum(losses[lr]))
@@ -43,3 +40,25 @@ def test_grid_summary_and_resume(tmp_path, capsys):
   capsys.readouterr()
   assert reproduce.main(argv) == table
   assert 'epoch' not in capsys.readouterr().out
+  # A run file of other settings (here another dataset size) is not reused.
+  reproduce.main([*argv[:-2], '--methods', 'sibp_linearized',
+                  '--seeds', '0', '--train_examples', '200'])
+  assert 'epoch' in capsys.readouterr().out
+
+
+def _metrics(path, lr, loss):
+  entry = {'train_loss': loss, 'test_accuracy': 0.5, 'seconds': 1.0}
+  path.write_text(json.dumps({'config': {'learning_rate': lr},
+                              'history': [entry]}))
+  return str(path)
+
+
+def test_a_diverged_rate_is_never_the_best(tmp_path):
+  # The finite rate comes first, the diverged one (loss null: NaN) after.
+  paths = [_metrics(tmp_path / 'sgd_lr0.1_seed0.json', 0.1, 0.5),
+           _metrics(tmp_path / 'sgd_lr10_seed0.json', 10.0, None),
+           _metrics(tmp_path / 'adam_lr1_seed0.json', 1.0, None)]
+  table, best = reproduce.summarize(paths)
+  assert best['sgd']['lr'] == 0.1
+  assert math.isnan(best['adam']['loss'])  # only a diverged rate: shown
+  assert table.splitlines()[2].startswith('| sgd | 0.1 (0.1, 10) |')

@@ -25,10 +25,10 @@ pytest.importorskip('orbax.checkpoint')
 pytest.importorskip('sklearn')
 pytest.importorskip('tqdm')
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
-sys.path.insert(0, str(EXAMPLES))
+import checkpoints
+import train
 
-import train  # noqa: E402
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
 
 # 16 steps of 4 per epoch; the evaluation batch covers a split at once.
 ARGS = ['--dataset', 'digits', '--train_examples', '64', '--batch_size', '4',
@@ -81,11 +81,11 @@ def _checkpoint(directory) -> tuple[dict[str, np.ndarray], dict]:
   """The latest checkpoint's state leaves (by path) and its progress."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  manager = train.checkpoint_manager(str(directory))
+  manager = checkpoints.checkpoint_manager(str(directory))
   step = manager.latest_step()
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore())).state
-  progress = train.read_progress(manager, step)
+  progress = checkpoints.read_progress(manager, step)
   manager.close()
   leaves = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
             jax.tree_util.tree_flatten_with_path(state)[0]}

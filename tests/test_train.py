@@ -20,18 +20,19 @@ pytest.importorskip('tqdm')
 pytest.importorskip('sklearn')
 pytest.importorskip('matplotlib')
 
+import jax.numpy as jnp
+import optax
+
+import sibp_jax
+
+import compare
+import config as config_lib
+import input_pipeline
+import models
+import optimizers
+import train
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
-sys.path.insert(0, str(EXAMPLES))
-
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import sibp_jax  # noqa: E402
-
-import compare  # noqa: E402
-import input_pipeline  # noqa: E402
-import models  # noqa: E402
-import train  # noqa: E402
 
 # 24 mock examples per split: 4 held out for validation, 8 trained on in
 # 2 steps of 4; small enough for every model × optimizer within the budget.
@@ -41,6 +42,14 @@ HISTORY_KEYS = {'epoch', 'train_loss', 'train_accuracy', 'val_loss',
                 'val_accuracy', 'test_loss', 'test_accuracy', 'seconds',
                 'train_examples_per_second'}
 _LAYERWISE = {'sibp', 'sibp_paper', 'sibp_linearized', 'proxbp'}
+# Every optimizer trains paper_mlp; the larger models train with each
+# layer-wise rule (linearized, paper, ProxBP) and with the plain-gradient
+# path (adam), which is the same code for every first-order optimizer.
+# (The ConvNet with adam is test_convnet_adapts_to_cifar_shapes.)
+CASES = ([('paper_mlp', o) for o in train.OPTIMIZERS]
+         + [(m, o) for m in models.MODELS if m != 'paper_mlp'
+            for o in ('sibp', 'sibp_paper', 'proxbp', 'adam')
+            if (m, o) != ('proxprop_convnet', 'adam')])
 
 
 def _conv_support() -> bool:
@@ -55,8 +64,7 @@ def _conv_support() -> bool:
   return len(problems.layers) == 4
 
 
-@pytest.mark.parametrize('optimizer', train.OPTIMIZERS)
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize(('model', 'optimizer'), CASES)
 def test_every_model_and_optimizer_trains_one_epoch(tmp_path, model,
                                                     optimizer):
   if model == 'proxprop_convnet' and optimizer in _LAYERWISE:
@@ -76,7 +84,7 @@ def test_every_model_and_optimizer_trains_one_epoch(tmp_path, model,
   assert entry['seconds'] > 0 and entry['train_examples_per_second'] > 0
   assert 0 <= entry['train_accuracy'] <= 1
   assert metrics['config']['learning_rate'] == (
-      train.DEFAULT_LEARNING_RATES[optimizer])
+      optimizers.default_learning_rate(optimizer))
   assert metrics['data']['train'] == 8
   assert metrics['data']['steps_per_epoch'] == 2
   assert json.loads(out.read_text()) == metrics
@@ -105,6 +113,11 @@ def test_convnet_adapts_to_cifar_shapes(tmp_path):
        '--metrics_out', str(tmp_path / 'm.json'), '--plot_out', str(plot)])
   assert metrics['data']['input_shape'] == [32, 32, 3]
   assert [e['epoch'] for e in metrics['history']] == [1, 2]
+  for entry in metrics['history']:
+    assert set(entry) == HISTORY_KEYS
+    assert all(entry[k] is not None and math.isfinite(entry[k])
+               for k in HISTORY_KEYS), entry
+  assert metrics['config']['learning_rate'] == 1e-3
   seconds = [e['seconds'] for e in metrics['history']]
   assert 0 < seconds[0] < seconds[1]  # cumulative
   assert plot.stat().st_size > 0
@@ -114,13 +127,13 @@ def test_convnet_adapts_to_cifar_shapes(tmp_path):
 
 def test_metrics_are_written_after_every_epoch(tmp_path, monkeypatch):
   written = []
-  original = train.write_json_atomic
+  original = train.checkpoints.write_json_atomic
 
   def spy(path, obj):
     original(path, obj)
     written.append(json.loads(pathlib.Path(path).read_text()))
 
-  monkeypatch.setattr(train, 'write_json_atomic', spy)
+  monkeypatch.setattr(train.checkpoints, 'write_json_atomic', spy)
   train.train_and_evaluate({**TINY, 'optimizer': 'sgd', 'epochs': 3,
                             'metrics_out': str(tmp_path / 'm.json')})
   assert [len(w['history']) for w in written] == [1, 2, 3]
@@ -132,7 +145,8 @@ def test_help_states_default_learning_rates(capsys):
   assert exit_info.value.code == 0
   text = ' '.join(capsys.readouterr().out.split())
   for name in ('sibp 0.1', 'proxbp 1', 'sgd 0.1', 'nesterov 0.05',
-               'adam 0.001'):
+               'adam 0.001', 'muon 0.02', 'schedule_free_adamw 0.003',
+               'proxbp_adam 0.001'):
     assert name in text
 
 
@@ -252,3 +266,27 @@ def test_sweep_refuses_checkpoints_and_a_learning_rate(tmp_path):
   with pytest.raises(SystemExit, match='drop --learning_rate'):
     train.main(['--dataset', 'digits', '--sweep', '0.1,1',
                 '--learning_rate', '0.1'])
+
+
+def test_presets_set_defaults_that_flags_override():
+  c = train.parse_args(['--preset', 'proxprop_mlp'])
+  assert (c.model, c.batch_size, c.epochs) == ('proxprop_mlp', 500, 5)
+  c = train.parse_args(['--preset', 'proxprop_convnet', '--epochs', '1'])
+  assert (c.model, c.batch_size, c.epochs) == ('proxprop_convnet', 500, 1)
+  assert train.parse_args([]) == config_lib.Config()
+
+
+def test_schedule_free_is_evaluated_at_its_averaged_iterate(monkeypatch):
+  """The registry's eval_params hook reaches the evaluation."""
+  calls = []
+  method = optimizers.METHODS['schedule_free_adamw']
+  hook = method.eval_params
+
+  def spy(opt_state, params):
+    calls.append(type(opt_state).__name__)
+    return hook(opt_state, params)
+
+  monkeypatch.setitem(optimizers.METHODS, 'schedule_free_adamw',
+                      optimizers.dataclasses.replace(method, eval_params=spy))
+  train.train_and_evaluate({**TINY, 'optimizer': 'schedule_free_adamw'})
+  assert calls and set(calls) == {'ScheduleFreeState'}

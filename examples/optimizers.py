@@ -1,0 +1,138 @@
+"""The optimizers of the examples, in one registry.
+
+Each entry names an optax transformation factory, whether its update needs
+the layer-wise ``problems`` of ``sibp_jax.nnx.value_grad_and_problems``, the
+learning rate used when none is given, and the learning-rate grid of the
+reproduction (``examples/reproduce.py``) and of the benchmark's target
+section (``examples/benchmark.py``). ``train.py``, ``benchmark.py`` and
+``reproduce.py`` build every optimizer here.
+
+* ``sibp`` / ``sibp_linearized``: ``sibp_jax.sibp``, the exact-ridge
+  variant (the library default); ``sibp_paper``: the authors' nonlinear-CG
+  fit through the activation. The learning rate is ``η``, the step on the
+  neurons.
+* ``proxbp``: ``sibp_jax.proxbp`` with Nesterov (or Adam) outside.
+* ``sgd``, ``nesterov``, ``adam``: optax on the plain gradient.
+* ``muon``, ``schedule_free_adamw``: ``optax.contrib``'s Muon and
+  schedule-free AdamW, modern first-order baselines. Schedule-free AdamW is
+  evaluated at its averaged iterate (``schedule_free_eval_params``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import sibp_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One registry entry.
+
+  Attributes:
+    make: ``make(learning_rate, hp)`` returns the transformation; ``hp``
+      holds the hyperparameters by name (``lambda_w``, ``lambda_b``,
+      ``inner_iterations``, ``tau_prox``, ``momentum``, ``proxbp_solver``,
+      ``proxbp_outer``), as :class:`config.Config` does.
+    needs_problems: whether ``update`` needs ``problems=``.
+    learning_rate: the default learning rate.
+    grid: the learning rates the reproduction and the benchmark try.
+    eval_params: ``eval_params(opt_state, params)``: the parameters to
+      evaluate (``None``: the trained ones).
+  """
+
+  make: Callable[[float, Any], optax.GradientTransformation]
+  needs_problems: bool
+  learning_rate: float
+  grid: tuple[float, ...]
+  eval_params: Callable[[Any, Any], Any] | None = None
+
+
+def _sibp(variant: str | None):
+  def make(lr, hp):
+    kwargs = {'lambda_w': hp.lambda_w, 'lambda_b': hp.lambda_b}
+    if variant == 'paper':
+      kwargs['solver'] = sibp_jax.NonlinearCG(iterations=hp.inner_iterations)
+    if variant:
+      kwargs['variant'] = variant
+    return sibp_jax.sibp(lr, **kwargs)
+  return make
+
+
+def _proxbp(lr, hp):
+  solver = ('exact' if hp.proxbp_solver == 'exact' else
+            sibp_jax.ConjugateGradient(int(hp.proxbp_solver[2:])))
+  if hp.proxbp_outer == 'adam':
+    return sibp_jax.proxbp(tau_prox=hp.tau_prox, solver=solver,
+                           outer=optax.adam(lr))
+  return sibp_jax.proxbp(lr, tau_prox=hp.tau_prox, momentum=hp.momentum,
+                         solver=solver)
+
+
+def _schedule_free_eval(opt_state, params):
+  # Under optax.inject_hyperparams (a sweep) the state is wrapped.
+  inner = getattr(opt_state, 'inner_state', opt_state)
+  return optax.contrib.schedule_free_eval_params(inner, params)
+
+
+METHODS: dict[str, Method] = {
+    'sibp': Method(_sibp(None), True, 0.1, (0.1,)),
+    'sibp_paper': Method(_sibp('paper'), True, 0.1, (0.1,)),
+    'sibp_linearized': Method(_sibp('linearized'), True, 0.1, (0.1,)),
+    'proxbp': Method(_proxbp, True, 1.0, (0.3, 1.0, 3.0)),
+    'sgd': Method(lambda lr, hp: optax.sgd(lr), False, 0.1, (0.03, 0.1, 0.3)),
+    'nesterov': Method(
+        lambda lr, hp: optax.sgd(lr, momentum=hp.momentum, nesterov=True),
+        False, 0.05, (0.01, 0.05, 0.2)),
+    'adam': Method(lambda lr, hp: optax.adam(lr), False, 1e-3,
+                   (3e-4, 1e-3, 3e-3)),
+    'muon': Method(lambda lr, hp: optax.contrib.muon(lr), False, 0.02,
+                   (0.01, 0.02, 0.05)),
+    'schedule_free_adamw': Method(
+        lambda lr, hp: optax.contrib.schedule_free_adamw(lr), False, 3e-3,
+        (1e-3, 3e-3, 1e-2), _schedule_free_eval),
+}
+# ProxBP's default learning rate with Adam outside (``proxbp_outer='adam'``).
+PROXBP_ADAM_LEARNING_RATE = 1e-3
+PROXBP_SOLVERS = ('exact', 'cg3', 'cg5', 'cg10')
+PROXBP_OUTERS = ('nesterov', 'adam')
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+  """The hyperparameters besides the learning rate, with their defaults."""
+
+  lambda_w: float = 1.0
+  lambda_b: float = 1.0
+  inner_iterations: int = 5
+  tau_prox: float = 0.05
+  momentum: float = 0.95
+  proxbp_solver: str = 'exact'
+  proxbp_outer: str = 'nesterov'
+
+
+def default_learning_rate(name: str, hp: Any = None) -> float:
+  """The learning rate of ``name`` when none is given."""
+  hp = hp or Hyperparameters()
+  if name == 'proxbp' and hp.proxbp_outer == 'adam':
+    return PROXBP_ADAM_LEARNING_RATE
+  return METHODS[name].learning_rate
+
+
+def create(name: str, learning_rate: float | None = None,
+           hp: Any = None) -> optax.GradientTransformation:
+  """The transformation of ``name`` (default learning rate if ``None``)."""
+  hp = hp or Hyperparameters()
+  if learning_rate is None:
+    learning_rate = default_learning_rate(name, hp)
+  return METHODS[name].make(learning_rate, hp)
+
+
+def injectable(name: str, hp: Any = None):
+  """``optax.inject_hyperparams`` of ``name``: the rate becomes state."""
+  return optax.inject_hyperparams(lambda learning_rate: create(
+      name, learning_rate, hp))
