@@ -25,11 +25,17 @@ entry of ``examples/optimizers.py`` and trains with the one step of
   their ratios to Adam's. The best rate is the one of the method's registry
   grid with the lowest loss after one epoch (one vmapped program per
   method), or the reproduction's choice with ``--table FILE``.
-* ``--section robustness``: each method at ``logspace(-3, 2,
-  --grid_points)`` learning rates, one epoch, as ONE compiled program per
-  method (``jax.vmap`` of a ``lax.scan`` over the batches). A rate works
-  when the final training loss is finite and below the start; the range is
-  the largest ``max/min`` of a contiguous run of working rates.
+* ``--section robustness``: each method at ``--grid_points`` (17)
+  learning rates log-spaced over ``1e-4 … 1e4`` (half decades), trained
+  ``--robustness_epochs`` (3) epochs as ONE compiled program per method
+  (``jax.vmap`` of a ``lax.scan`` over the batches); then the full training
+  loss and the test accuracy of every rate. Two ranges per method, each the
+  largest ``max/min`` of a run of consecutive working rates: accuracy-stable
+  (test accuracy within 5 points of the method's best in the grid) and
+  loss-stable (training loss finite and within 1.5× the method's best),
+  with their ratios to SGD's. Also SIBP's range in ``λ = λ_W = λ_b`` at
+  ``η = 0.1``, where its implicit step lives. ``--plot_out`` draws accuracy
+  and loss against the rate, one line per method.
 
 Data: Fashion-MNIST's 60,000 training images (``--data_dir``), or
 ``--mock_data N`` synthetic images labelled by a random linear teacher.
@@ -40,17 +46,20 @@ Data: Fashion-MNIST's 60,000 training images (``--data_dir``), or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import re
 import time
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import input_pipeline
 import models
@@ -61,6 +70,7 @@ import steps
 METHODS = {
     'sibp_linearized': ('sibp_linearized', {}),
     'sibp_paper': ('sibp_paper', {}),
+    'sibp_proximal': ('sibp_proximal', {}),
     'proxbp': ('proxbp', {}),
     'proxbp_cg3': ('proxbp', {'proxbp_solver': 'cg3'}),
     'sgd': ('sgd', {}),
@@ -80,7 +90,8 @@ class Trainer:
 
   def __init__(self, name: str, model: str, input_shape, seed: int = 0,
                learning_rate: float | None = None,
-               rates: Sequence[float] | None = None):
+               rates: Sequence[float] | None = None,
+               sweep: Callable[[Any, Any], Any] | None = None):
     key, hp = METHODS[name]
     self.method = optimizers.METHODS[key]
     hp = optimizers.Hyperparameters(**hp)
@@ -88,21 +99,31 @@ class Trainer:
     if rates is None:
       self.graphdef, self.state = steps.init_state(
           net, optimizers.create(key, learning_rate, hp))
-    else:  # K runs, one per rate
+    elif sweep is None:  # K runs, one per learning rate
       tx = optimizers.injectable(key, hp)(learning_rate=rates[0])
       self.graphdef, state = steps.init_state(net, tx)
       self.state = steps.stack_learning_rates(state, rates)
+    else:  # K runs, one per value given to ``sweep(hp, value) -> hp``
+      make = lambda value: optimizers.create(key, learning_rate,
+                                             sweep(hp, value))
+      tx = optax.inject_hyperparams(make)(value=rates[0])
+      self.graphdef, state = steps.init_state(net, tx)
+      self.state = steps.stack_learning_rates(state, rates, 'value')
     self.pure_step = steps.make_step(self.graphdef, self.method.needs_problems)
     self.step = steps.jit(self.pure_step)
     self.runs = rates is not None
 
-  def loss(self, state, x, y) -> list[float]:
-    """The mean loss on ``(x, y)`` of each run."""
+  def evaluate(self, state, x, y) -> list[tuple[float, float]]:
+    """The mean loss and accuracy on ``(x, y)`` of each run."""
     if not hasattr(self, '_evaluate'):
       self._evaluate = steps.make_evaluate(
           self.graphdef, min(len(x), 10_000), runs=self.runs,
           eval_params=self.method.eval_params)
-    return [loss for loss, _ in self._evaluate(state, x, y)]
+    return self._evaluate(state, x, y)
+
+  def loss(self, state, x, y) -> list[float]:
+    """The mean loss on ``(x, y)`` of each run."""
+    return [loss for loss, _ in self.evaluate(state, x, y)]
 
 
 def _flops(compiled) -> float | None:
@@ -142,7 +163,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
   times = {name: [] for name in methods}
   for _ in range(rounds):
     for name, t in trainers.items():
-      t.state, _, _, seconds = steps.timed_step(t.step, t.state, x, y)
+      t.state, _, seconds = steps.timed_step(t.step, t.state, x, y)
       times[name].append(seconds)
   median = {name: float(np.median(v)) for name, v in times.items()}
   return {name: {
@@ -174,7 +195,7 @@ def train_curve(name: str, x, y, learning_rate: float | None, *,
   state, seconds = t.state, 0.0
   for epoch in range(epochs):
     for i, idx in enumerate(steps.epoch_batches(len(x), batch, seed, epoch)):
-      state, _, _, dt = steps.timed_step(t.step, state, xs[idx], ys[idx])
+      state, _, dt = steps.timed_step(t.step, state, xs[idx], ys[idx])
       seconds += dt
       if i in eval_at:
         curve.append((epoch + (i + 1) / per_epoch, seconds,
@@ -203,6 +224,34 @@ def one_epoch(methods: Sequence[str], x, y, batch: int = 100,
   return results
 
 
+def vmapped_runs(name: str, x, y, rates: Sequence[float], batch: int = 100,
+                 seed: int = 0, epochs: int = 1,
+                 sweep: Callable[[Any, Any], Any] | None = None,
+                 learning_rate: float | None = None):
+  """K runs of ``epochs`` epochs, one per value, as ONE compiled program.
+
+  ``rates`` are learning rates, or values handed to ``sweep(hp, value)``,
+  which returns the hyperparameters of that run (every run then trains at
+  ``learning_rate``).
+
+  Returns:
+    ``(trainer, final stacked state, seconds with compilation)``.
+  """
+  t = Trainer(name, 'paper_mlp', x.shape[1:], seed, learning_rate,
+              rates=rates, sweep=sweep)
+  xs, ys = jnp.asarray(x), jnp.asarray(y)
+  batches = jnp.asarray(np.concatenate([
+      steps.epoch_batches(len(x), batch, seed, e) for e in range(epochs)]))
+
+  def run(state):
+    body = lambda s, idx: (t.pure_step(s, xs[idx], ys[idx])[0], None)
+    return jax.lax.scan(body, state, batches)[0]
+
+  begin = time.perf_counter()
+  state = jax.block_until_ready(jax.jit(jax.vmap(run))(t.state))
+  return t, state, time.perf_counter() - begin
+
+
 def epoch_losses(name: str, x, y, rates: Sequence[float], batch: int = 100,
                  seed: int = 0) -> tuple[np.ndarray, float, float]:
   """Full loss after one epoch at each rate, as one vmapped program.
@@ -210,18 +259,9 @@ def epoch_losses(name: str, x, y, rates: Sequence[float], batch: int = 100,
   Returns:
     ``(losses, start loss, seconds with compilation)``.
   """
-  t = Trainer(name, 'paper_mlp', x.shape[1:], seed, rates=rates)
+  t, state, seconds = vmapped_runs(name, x, y, rates, batch, seed)
   xs, ys = jnp.asarray(x), jnp.asarray(y)
-  batches = jnp.asarray(steps.epoch_batches(len(x), batch, seed, 0))
-
-  def run(state):
-    body = lambda s, idx: (t.pure_step(s, xs[idx], ys[idx])[0], None)
-    return jax.lax.scan(body, state, batches)[0]
-
   start = t.loss(t.state, xs, ys)[0]
-  begin = time.perf_counter()
-  state = jax.block_until_ready(jax.jit(jax.vmap(run))(t.state))
-  seconds = time.perf_counter() - begin
   return np.asarray(t.loss(state, xs, ys)), start, seconds
 
 
@@ -302,24 +342,79 @@ def working_range(rates, works) -> tuple[float, tuple[float, float] | None]:
   return best, lo_hi
 
 
-def robustness(methods: Sequence[str], x, y, batch: int = 100,
-               grid_points: int = 11, low: float = 1e-3, high: float = 1e2,
-               seed: int = 0) -> dict[str, Any]:
-  """Learning rates at which one epoch lowers the loss, by vmapped runs."""
-  rates = np.logspace(math.log10(low), math.log10(high), grid_points)
-  results = {}
-  for name in methods:
-    losses, start, seconds = epoch_losses(name, x, y, rates, batch, seed)
-    span, lo_hi = working_range(rates, np.isfinite(losses) & (losses < start))
-    results[name] = {
-        'losses': [float(v) if math.isfinite(v) else None for v in losses],
-        'working_range': lo_hi, 'range': span,
-        'seconds_with_compile': seconds}
-  base = results['sgd']['range'] if 'sgd' in results else None
-  for row in results.values():
-    row['range_ratio_to_sgd'] = _ratio(row['range'], base)
-  return {'learning_rates': [float(r) for r in rates], 'start_loss': start,
-          'train_examples': len(x), 'epochs': 1, 'methods': results}
+def stable_ranges(values, losses, accuracies) -> dict[str, Any]:
+  """Accuracy- and loss-stable ranges of one method over ``values``.
+
+  Accuracy-stable: test accuracy within 0.05 of the method's best in the
+  grid; loss-stable: training loss finite and at most 1.5× its best.
+  """
+  losses = np.where(np.isfinite(losses), losses, np.inf)
+  accuracies = np.where(np.isfinite(accuracies), accuracies, 0.0)
+  acc_range, acc_lo_hi = working_range(
+      values, accuracies >= accuracies.max() - 0.05)
+  loss_range, loss_lo_hi = working_range(values, losses <= 1.5 * losses.min())
+  return {'train_losses': [float(v) if math.isfinite(v) else None
+                           for v in losses],
+          'test_accuracies': [float(v) for v in accuracies],
+          'best_test_accuracy': float(accuracies.max()),
+          'best_train_loss': (float(losses.min()) if math.isfinite(
+              losses.min()) else None),
+          'accuracy_stable': acc_lo_hi, 'accuracy_range': acc_range,
+          'loss_stable': loss_lo_hi, 'loss_range': loss_range}
+
+
+def robustness(methods: Sequence[str], x, y, x_test, y_test, batch: int = 100,
+               grid_points: int = 17, low: float = 1e-4, high: float = 1e4,
+               epochs: int = 3, seed: int = 0) -> dict[str, Any]:
+  """Stable ranges of the learning rate, and of SIBP's ``λ``, by vmapped runs.
+  """
+  values = np.logspace(math.log10(low), math.log10(high), grid_points)
+  xs, ys = jnp.asarray(x), jnp.asarray(y)
+  xt, yt = jnp.asarray(x_test), jnp.asarray(y_test)
+
+  def measure(name, **kwargs):
+    t, state, seconds = vmapped_runs(name, x, y, values, batch, seed, epochs,
+                                     **kwargs)
+    train = np.array([loss for loss, _ in t.evaluate(state, xs, ys)])
+    test = np.array([acc for _, acc in t.evaluate(state, xt, yt)])
+    return {**stable_ranges(values, train, test),
+            'seconds_with_compile': seconds}
+
+  results = {name: measure(name) for name in methods}
+  for key in ('accuracy_range', 'loss_range'):
+    base = results['sgd'][key] if 'sgd' in results else None
+    for row in results.values():
+      row[key + '_ratio_to_sgd'] = _ratio(row[key], base)
+  both = lambda hp, v: dataclasses.replace(hp, lambda_w=v, lambda_b=v)
+  lam = {'sibp_linearized': measure('sibp_linearized', sweep=both,
+                                    learning_rate=0.1)}
+  return {'learning_rates': [float(v) for v in values], 'epochs': epochs,
+          'train_examples': len(x), 'test_examples': len(x_test),
+          'methods': results, 'lambda_at_eta_0.1': lam}
+
+
+def plot_robustness(res: dict[str, Any], path: str) -> None:
+  """Test accuracy and training loss against the learning rate."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+  rates = res['learning_rates']
+  for name, row in res['methods'].items():
+    acc.plot(rates, row['test_accuracies'], marker='.', label=name)
+    loss.plot(rates, [np.nan if v is None else v for v in
+                      row['train_losses']], marker='.', label=name)
+  for ax, what in ((acc, 'test accuracy'), (loss, 'training loss')):
+    ax.set_xscale('log')
+    ax.set_xlabel('learning rate (SIBP: η)')
+    ax.set_ylabel(what)
+  loss.set_yscale('log')
+  acc.legend(fontsize='small')
+  fig.suptitle(f'paper_mlp, {res["train_examples"]} examples, '
+               f'{res["epochs"]} epochs')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _fmt(v) -> str:
@@ -357,8 +452,15 @@ TARGET_COLUMNS = (['learning_rate', 'reached', 'epochs',
                    'update_seconds_ratio_to_adam', 'final_loss'],
                   ['learning rate', 'reached', 'epochs', 'epochs / Adam',
                    'update s', 'update s / Adam', 'last loss'])
-ROBUSTNESS_COLUMNS = (['working_range', 'range', 'range_ratio_to_sgd'],
-                      ['working rates', 'range (max/min)', "range / SGD's"])
+ROBUSTNESS_COLUMNS = (['best_test_accuracy', 'accuracy_stable',
+                       'accuracy_range_ratio_to_sgd', 'best_train_loss',
+                       'loss_stable', 'loss_range_ratio_to_sgd'],
+                      ['best test acc', 'accuracy-stable rates',
+                       "range / SGD's", 'best train loss',
+                       'loss-stable rates', "range / SGD's"])
+LAMBDA_COLUMNS = (ROBUSTNESS_COLUMNS[0][:2] + ROBUSTNESS_COLUMNS[0][3:5],
+                  ['best test acc', 'accuracy-stable λ', 'best train loss',
+                   'loss-stable λ'])
 
 
 def _section_markdown(name: str, res: Any) -> list[str]:
@@ -380,13 +482,23 @@ def _section_markdown(name: str, res: Any) -> list[str]:
             + _table(res['methods'], *TARGET_COLUMNS)]
   rates = res['learning_rates']
   caption = (
-      f'one epoch of {res["train_examples"]} examples (start loss '
-      f'{res["start_loss"]:.4f}), learning rates {_fmt(rates[0])} … '
-      f'{_fmt(rates[-1])} ({len(rates)} log-spaced), one vmapped program '
-      'per method; a rate works when the final training loss is finite and '
-      'below the start')
+      f'{res["epochs"]} epochs of {res["train_examples"]} examples, test '
+      f'accuracy on {res["test_examples"]}, learning rates {_fmt(rates[0])} '
+      f'… {_fmt(rates[-1])} ({len(rates)} log-spaced), one vmapped program '
+      'per method; accuracy-stable: within 5 points of the best; '
+      'loss-stable: within 1.5× the best')
+  per_rate = ['| method | ' + ' | '.join(_fmt(r) for r in rates) + ' |',
+              '|---' * (len(rates) + 1) + '|']
+  for name, row in res['methods'].items():
+    per_rate.append(f'| {name} acc | ' + ' | '.join(
+        f'{v:.2f}' for v in row['test_accuracies']) + ' |')
+    per_rate.append(f'| {name} loss | ' + ' | '.join(
+        _fmt(v) for v in row['train_losses']) + ' |')
   return [f'**Step-size robustness**, `paper_mlp`, batch 100, {caption}:'
-          '\n\n' + _table(res['methods'], *ROBUSTNESS_COLUMNS)]
+          '\n\n' + _table(res['methods'], *ROBUSTNESS_COLUMNS),
+          'Per rate:\n\n' + '\n'.join(per_rate),
+          '**SIBP in λ = λ_W = λ_b** at η = 0.1, same grid of values:\n\n'
+          + _table(res['lambda_at_eta_0.1'], *LAMBDA_COLUMNS)]
 
 
 SECTIONS = ('step', 'epoch', 'target', 'robustness')
@@ -410,13 +522,19 @@ def _subsample(x, y, n: int | None, seed: int):
   return x[keep], y[keep]
 
 
-def load_data(args) -> tuple[np.ndarray, np.ndarray]:
-  """All training images of ``--dataset`` (no validation hold-out)."""
+def load_data(args) -> tuple[np.ndarray, ...]:
+  """All training and test images of ``--dataset`` (no validation hold-out).
+
+  With ``--mock_data N``, N synthetic training and N // 5 test examples.
+  """
   if args.mock_data:
-    return input_pipeline.teacher_data(args.mock_data, seed=args.seed)
+    x, y = input_pipeline.teacher_data(args.mock_data + args.mock_data // 5,
+                                       seed=args.seed)
+    return x[:args.mock_data], y[:args.mock_data], x[args.mock_data:], y[
+        args.mock_data:]
   data = input_pipeline.load(args.dataset, args.data_dir,
                              validation_examples=0)
-  return data.x_train, data.y_train
+  return data.x_train, data.y_train, data.x_test, data.y_test
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -445,7 +563,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add('--target_epochs', type=int, default=3)
   add('--max_epochs', type=int, default=6)
   add('--evals_per_epoch', type=int, default=5)
-  add('--grid_points', type=int, default=11)
+  add('--grid_points', type=int, default=17,
+      help='robustness: values from 1e-4 to 1e4')
+  add('--robustness_epochs', type=int, default=3)
+  add('--plot_out', default=None, help='robustness: plot to this file')
   add('--quick', action='store_true',
       help='a reduced run of the same sections and keys')
   add('--seed', type=int, default=0)
@@ -473,7 +594,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.methods.append('adam')
   if args.quick:  # reduced sizes; the keys of the output are the same
     args.target_epochs, args.max_epochs, args.evals_per_epoch = 1, 2, 2
-    args.grid_points = min(args.grid_points, 6)
+    args.grid_points = min(args.grid_points, 5)
+    args.robustness_epochs = 1
     args.train_examples = args.train_examples or 2000
   return args
 
@@ -500,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       print(_section_markdown('step', {model: out['step'][model]})[0],
             flush=True)
   if {'epoch', 'target', 'robustness'} & set(sections):
-    x, y = load_data(args)
+    x, y, x_test, y_test = load_data(args)
   if 'epoch' in sections:
     xe, ye = _subsample(x, y, 2000 if args.quick else None, args.seed)
     out['epoch'] = one_epoch(methods, xe, ye, seed=args.seed,
@@ -518,10 +640,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n = args.robustness_examples or args.train_examples
     xr, yr = _subsample(x, y, n, args.seed)
     rob_methods = methods if 'sgd' in methods else [*methods, 'sgd']
-    out['robustness'] = robustness(rob_methods, xr, yr,
-                                   grid_points=args.grid_points,
-                                   seed=args.seed)
+    out['robustness'] = robustness(
+        rob_methods, xr, yr, x_test, y_test, grid_points=args.grid_points,
+        epochs=args.robustness_epochs, seed=args.seed)
     print(*_section_markdown('robustness', out['robustness']), flush=True)
+    if args.plot_out:
+      plot_robustness(out['robustness'], args.plot_out)
   text = markdown(out)
   print('\n' + text, flush=True)
   if args.markdown:

@@ -32,19 +32,26 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
 
 
 def make_step(graphdef, needs_problems: bool) -> Callable:
-  """The pure step ``(state, x, y) -> (state, loss, accuracy)``.
+  """The pure step ``(state, x, y) -> (state, stats)``.
 
-  Loss and accuracy are the batch's, before the update. Wrap it with
-  :func:`jit` (one run) or :func:`jit_runs` (K stacked runs).
+  ``stats`` holds the batch's ``loss`` and ``accuracy`` (before the
+  update) and ``skipped``: whether SIBP / ProxBP flagged the step as not
+  finite and left the parameters as they were (always ``False`` for the
+  first-order methods). Wrap it with :func:`jit` (one run) or :func:`jit`
+  with ``runs`` (K stacked runs).
   """
 
   def step(state, x, y):
     model, optimizer = nnx.merge(graphdef, state)
+    skipped = jnp.zeros((), bool)
     if needs_problems:
       loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
           model, x, y, loss_fn=LOSS)
       logits = problems.layers[-1].outputs  # the last layer's output
       optimizer.update(model, grads, problems=problems)
+      info = optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state),
+                                       'info')
+      skipped = ~info.finite
     else:
       def mean_loss(model):
         logits = model(x)
@@ -53,7 +60,8 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
           model)
       optimizer.update(model, grads)
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
-    return nnx.state((model, optimizer)), loss, accuracy
+    return nnx.state((model, optimizer)), {
+        'loss': loss, 'accuracy': accuracy, 'skipped': skipped}
 
   return step
 
@@ -65,14 +73,16 @@ def jit(step: Callable, runs: bool = False) -> Callable:
   return jax.jit(step, donate_argnums=0)
 
 
-def stack_learning_rates(state, rates: Sequence[float]):
+def stack_learning_rates(state, rates: Sequence[float],
+                         name: str = 'learning_rate'):
   """K copies of ``state`` on a leading axis, run k at ``rates[k]``.
 
-  ``state`` must come from an ``optax.inject_hyperparams`` optimizer.
+  ``state`` must come from an ``optax.inject_hyperparams`` optimizer; the
+  hyperparameter ``name`` takes the values ``rates``.
   """
   stacked = jax.tree.map(
       lambda a: jnp.broadcast_to(a, (len(rates), *jnp.shape(a))), state)
-  stacked[1]['opt_state']['hyperparams']['learning_rate'].value = (
+  stacked[1]['opt_state']['hyperparams'][name].value = (
       jnp.asarray(rates, jnp.float32))
   return stacked
 
@@ -147,14 +157,14 @@ def compile_on_copy(step: Callable, state, x, y, times: int = 2) -> None:
   jax.block_until_ready(warm)
 
 
-def timed_step(step: Callable, state, x, y) -> tuple[Any, Any, Any, float]:
-  """One step; returns ``(state, loss, accuracy, seconds)``.
+def timed_step(step: Callable, state, x, y) -> tuple[Any, Any, float]:
+  """One step; returns ``(state, stats, seconds)``.
 
   The batch is on the device before the clock starts; the clock stops when
   the new state is ready.
   """
   x, y = jax.block_until_ready((x, y))
   start = time.perf_counter()
-  state, loss, accuracy = step(state, x, y)
+  state, stats = step(state, x, y)
   jax.block_until_ready(state)
-  return state, loss, accuracy, time.perf_counter() - start
+  return state, stats, time.perf_counter() - start

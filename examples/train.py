@@ -24,14 +24,17 @@ epoch::
   {"config": {...}, "data": {...}, "device": "...", "initial": {...},
    "history": [{"epoch", "train_loss", "train_accuracy", "val_loss",
                 "val_accuracy", "test_loss", "test_accuracy", "seconds",
-                "train_examples_per_second"}, ...]}
+                "train_examples_per_second", "skipped_steps"}, ...]}
 
 (``initial``: the same before the first step; non-finite values are
-``null``). ``--checkpoint_dir DIR`` saves model and optimizer with orbax
-after every epoch; Ctrl-C saves after the step under way and exits with
-status 130 and the command that resumes; ``--resume`` continues at exactly
-the next step, bitwise equal to an uninterrupted run on one machine, and
-refuses a checkpoint of other settings. ``--sweep LR1,LR2,...`` trains one
+``null``; ``skipped_steps``: steps of the epoch that SIBP / ProxBP flagged
+as not finite and skipped, also shown in the progress bar, with a warning
+at the end of a run that had any). ``--checkpoint_dir DIR`` saves model
+and optimizer with orbax after every epoch; Ctrl-C saves after the step
+under way and exits with status 130 and the command that resumes;
+``--resume`` continues at exactly the next step, bitwise equal to an
+uninterrupted run on one machine, and refuses a checkpoint of other
+settings. ``--sweep LR1,LR2,...`` trains one
 run per learning rate in ONE program (the same step under ``jax.vmap``);
 ``--metrics_out`` then holds ``{"config", "data", "device", "sweep": [one
 metrics dict per rate]}``, whose ``seconds`` are the whole sweep's. A sweep
@@ -50,6 +53,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 import checkpoints
@@ -111,6 +115,8 @@ def _summary(entry: dict[str, Any]) -> str:
   parts.append(f'update s {entry["seconds"]:.2f}')
   if entry.get('train_examples_per_second'):
     parts.append(f'{entry["train_examples_per_second"]:.0f} ex/s')
+  if entry.get('skipped_steps'):
+    parts.append(f'{entry["skipped_steps"]} steps skipped (not finite)')
   return ' | '.join(parts)
 
 
@@ -124,6 +130,9 @@ class Position:
   epoch_seconds: float = 0.0
   loss_sum: float = 0.0
   acc_sum: float = 0.0
+  # Steps of the next epoch so far that SIBP / ProxBP flagged as not
+  # finite and skipped, one count per run.
+  skipped: list[int] = dataclasses.field(default_factory=list)
 
 
 def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
@@ -181,7 +190,8 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   else:
     state = checkpoints.restore_state(manager, progress['global_step'], state)
     at = Position(**{f.name: progress[f.name]
-                     for f in dataclasses.fields(Position)})
+                     for f in dataclasses.fields(Position)
+                     if f.name in progress})
     records = [{**progress['metrics'], 'config': dataclasses.asdict(config),
                 'device': device}]
   metrics = records[0] if not runs else {
@@ -221,22 +231,28 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
           if guard.requested:
             bar.close()
             raise interrupted(i)
-          state, loss, accuracy, seconds = steps.timed_step(
+          state, stats, seconds = steps.timed_step(
               step, state, xs[batches[i]], ys[batches[i]])
           at.step, at.epoch_seconds = i + 1, at.epoch_seconds + seconds
-          at.loss_sum += float(jnp.mean(loss))
-          at.acc_sum += float(jnp.mean(accuracy))
+          at.loss_sum += float(jnp.mean(stats['loss']))
+          at.acc_sum += float(jnp.mean(stats['accuracy']))
+          flagged = np.atleast_1d(np.asarray(stats['skipped'], int))
+          at.skipped = list(flagged + (at.skipped or 0))
           done_this_run += 1
           if done_this_run == config.stop_after_steps:
             guard.requested = True  # as a Ctrl-C: stop before the next step
           bar.set_postfix(loss=f'{at.loss_sum / (i + 1):.4f}',
-                          acc=f'{at.acc_sum / (i + 1):.4f}', refresh=False)
+                          acc=f'{at.acc_sum / (i + 1):.4f}',
+                          skipped=sum(at.skipped), refresh=False)
           bar.update()
         bar.close()
         speed = per_epoch * config.batch_size / at.epoch_seconds
+        skipped = at.skipped or [0] * len(rates)
         at = Position(at.epoch + 1, 0, at.seconds + at.epoch_seconds)
-        for lr, record, entry in zip(rates, records, evaluate_all(
-            at.epoch, seconds=at.seconds, train_examples_per_second=speed)):
+        for lr, record, entry, flagged in zip(rates, records, evaluate_all(
+            at.epoch, seconds=at.seconds, train_examples_per_second=speed),
+                                              skipped):
+          entry['skipped_steps'] = int(flagged)
           record['history'].append(entry)
           print((f'lr {lr:<8g} ' if runs else '') + _summary(entry),
                 flush=True)
@@ -253,6 +269,14 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
       manager.close()
   if config.metrics_out and not epochs_this_run:
     checkpoints.write_json_atomic(config.metrics_out, metrics)
+  for lr, record in zip(rates, records):
+    skipped = sum(e.get('skipped_steps', 0) for e in record['history'])
+    if skipped:
+      print(f'warning: {skipped} steps' + (f' at lr {lr:g}' if runs else '')
+            + ' were flagged as not finite (NaN or Inf in the batch, the '
+            'loss or a solve) and skipped: the parameters did not move on '
+            'them. A learning rate too large for the loss is the usual '
+            'cause.', file=sys.stderr, flush=True)
   if config.params_out:
     checkpoints.write_params_npz(config.params_out, graphdef, state)
   if config.plot_out:
