@@ -186,8 +186,8 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
   """Reads the graph of the linear layers off the traced replay.
 
   Returns, for every layer but the last, whether the next layer's input is
-  a function of this layer's output alone (a chain link, for which the
-  segment ``s_i`` is defined). Raises ``ValueError``, naming the layer, when
+  a function of this layer's output alone and no other layer's input
+  depends on it (a chain link, for which the segment ``s_i`` is defined). Raises ``ValueError``, naming the layer, when
   a layer's output reaches no later layer (its update would not follow the
   loss), or when the replay gives a layer an input of another shape than
   the forward pass did. The trace costs nothing at run time.
@@ -220,7 +220,8 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
           "not reach any later linear layer, so it does not reach the "
           "model's output: every linear layer must contribute to the "
           'output.')
-  return [deps[i + 1] == frozenset([i]) for i in range(n - 1)]
+  return [deps[i + 1] == frozenset([i]) and
+          not any(i in d for d in deps[i + 2:]) for i in range(n - 1)]
 
 
 def build_problems(records: list[Record], output_error, logits, *, runner,

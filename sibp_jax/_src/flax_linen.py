@@ -37,6 +37,12 @@ def _is_variables(params) -> bool:
   return isinstance(params, Mapping) and 'params' in params
 
 
+def _fresh(variables):
+  """New containers for ``variables``: ``apply`` writes a mutable
+  collection's new values into the dicts it was given."""
+  return jax.tree.map(lambda a: a, variables)
+
+
 def _is_array(leaf) -> bool:
   return isinstance(leaf, (jax.Array, np.ndarray))
 
@@ -63,7 +69,7 @@ class _Runner:
     leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in leaves]
     args, kwargs = jax.tree.unflatten(self.treedef, leaves)
     with nn.intercept_methods(_interceptor):
-      out = self.module.apply(variables, x, *args, rngs=rngs,
+      out = self.module.apply(_fresh(variables), x, *args, rngs=rngs,
                               mutable=self.mutable, **kwargs)
     return out[0] if self.mutable else out
 
@@ -190,7 +196,7 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
 
     def run():
       with nn.intercept_methods(_interceptor):
-        out = module.apply(variables, forward.x, *args, rngs=rngs,
+        out = module.apply(_fresh(variables), forward.x, *args, rngs=rngs,
                            mutable=mutable_names or False, **kwargs)
       return out if mutable_names else (out, None)
     return forward.loss(run)
