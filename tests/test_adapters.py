@@ -1,7 +1,6 @@
 """The Flax adapters: what they record, nnx and linen agreeing, and errors."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

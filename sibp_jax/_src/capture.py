@@ -187,10 +187,11 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
 
   Returns, for every layer but the last, whether the next layer's input is
   a function of this layer's output alone and no other layer's input
-  depends on it (a chain link, for which the segment ``s_i`` is defined). Raises ``ValueError``, naming the layer, when
-  a layer's output reaches no later layer (its update would not follow the
-  loss), or when the replay gives a layer an input of another shape than
-  the forward pass did. The trace costs nothing at run time.
+  depends on it (a chain link, for which the segment ``s_i`` is defined).
+  Raises ``ValueError``, naming the layer, when a layer's output reaches no
+  later layer (its update would not follow the loss), or when the replay
+  gives a layer an input of another shape than the forward pass did. The
+  trace costs nothing at run time.
   """
   n = len(records)
 
