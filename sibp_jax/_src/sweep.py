@@ -1,13 +1,20 @@
 """The backward sweep shared by SIBP (both variants) and ProxBP.
 
 The sweep walks the layers from the output down. At layer ``i`` it holds the
-error ``e_f`` on the layer's activation ``f_i`` (on the logits ``z`` at the
-top, where ``e_f = e = ∂ℓ/∂z`` per example), pulls it back through the
-parameter-free segment at the forward-pass point, ``e_g = s_i'(g_i)ᵀ e_f``,
-asks the algorithm's :class:`Rule` for the layer's new parameters, and chains
-the error to the layer's input through the rule's choice of weights::
+error ``e_g`` on the layer's output ``g_i``: the sum, over every consumer of
+``g_i`` (later layers' inputs, the logits), of that consumer's error pulled
+back through the parameter-free code at the forward-pass point. It asks the
+algorithm's rule for the layer's parameter change and chains the error to
+the layer's input through the rule's choice of weights::
 
     e_f ← A_iᵀ(e_g; θ_chain)          (Dense: e_g W_chainᵀ)
+
+In a chain, ``e_g = s_i'(g_i)ᵀ e_f`` with ``e_f`` the error on the next
+layer's input. On a general graph (residual connections, branches,
+normalisation over the batch) the sum over consumers is reverse-mode
+accumulation through the replayed model, one pass for all layers
+(:func:`_graph_sweep`); the paper variant, which fits through ``s_i``, is
+defined on chains only.
 
 The algorithms differ only in the rule:
 
