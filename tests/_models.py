@@ -51,12 +51,81 @@ class ConvNet(nnx.Module):
     return self.dense(x.reshape(x.shape[0], -1))
 
 
-ARCHS = ('mlp', 'convnet')
+class ResNet(nnx.Module):
+  """A small conv ResNet on 8×8×2 inputs.
+
+  Stem conv + BatchNorm; an identity block (4 channels); a block with a
+  strided projection shortcut (1×1 conv, 4 → 6 channels, 8×8 → 4×4); global
+  average pooling; a dense head. Seven linear layers, in call order: stem,
+  block1/conv1, block1/conv2, block2/conv1, block2/conv2, block2/proj,
+  head.
+  """
+
+  def __init__(self, channels=2, out=3, *, seed=0, dtype=jnp.float32,
+               width=4):
+    rngs = nnx.Rngs(seed)
+    kw = dict(rngs=rngs, param_dtype=dtype, dtype=dtype)
+    conv = lambda a, b, k=(3, 3), s=1: nnx.Conv(
+        a, b, k, strides=s, padding='SAME', use_bias=False, **kw)
+    bn = lambda c: nnx.BatchNorm(c, momentum=0.9, **kw)
+    w, w2 = width, width + 2
+    self.stem, self.stem_bn = conv(channels, w), bn(w)
+    self.b1_conv1, self.b1_bn1 = conv(w, w), bn(w)
+    self.b1_conv2, self.b1_bn2 = conv(w, w), bn(w)
+    self.b2_conv1, self.b2_bn1 = conv(w, w2, s=2), bn(w2)
+    self.b2_conv2, self.b2_bn2 = conv(w2, w2), bn(w2)
+    self.b2_proj, self.b2_bnp = conv(w, w2, (1, 1), 2), bn(w2)
+    self.head = nnx.Linear(w2, out, **kw)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.stem_bn(self.stem(x)))
+    h = jax.nn.relu(self.b1_bn1(self.b1_conv1(x)))
+    x = jax.nn.relu(x + self.b1_bn2(self.b1_conv2(h)))
+    h = jax.nn.relu(self.b2_bn1(self.b2_conv1(x)))
+    h = self.b2_bn2(self.b2_conv2(h))
+    x = jax.nn.relu(h + self.b2_bnp(self.b2_proj(x)))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+class LinenResNet(nn.Module):
+  """:class:`ResNet` in linen, with the same names; ``train`` selects batch
+  statistics (and updates ``batch_stats``) or the running averages."""
+
+  out: int = 3
+  width: int = 4
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    conv = lambda b, name, k=(3, 3), s=1: nn.Conv(
+        b, k, strides=s, padding='SAME', use_bias=False, name=name)
+    bn = lambda name: nn.BatchNorm(use_running_average=not train,
+                                   momentum=0.9, name=name)
+    w, w2 = self.width, self.width + 2
+    x = nn.relu(bn('stem_bn')(conv(w, 'stem')(x)))
+    h = nn.relu(bn('b1_bn1')(conv(w, 'b1_conv1')(x)))
+    x = nn.relu(x + bn('b1_bn2')(conv(w, 'b1_conv2')(h)))
+    h = nn.relu(bn('b2_bn1')(conv(w2, 'b2_conv1', s=2)(x)))
+    h = bn('b2_bn2')(conv(w2, 'b2_conv2')(h))
+    x = nn.relu(h + bn('b2_bnp')(conv(w2, 'b2_proj', (1, 1), 2)(x)))
+    return nn.Dense(self.out, name='head')(x.mean(axis=(1, 2)))
+
+
+def linen_variables_from(model):
+  """The linen variables dict holding an nnx model's values, by name."""
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  return {'params': jax.tree.map(jnp.asarray, dict(params)),
+          'batch_stats': jax.tree.map(jnp.asarray, dict(stats))}
+
+
+ARCHS = ('mlp', 'convnet', 'resnet')
 
 
 def arch_model(arch, out=3, *, hidden=8, seed=0, dtype=jnp.float32):
   if arch == 'mlp':
     return MLP((6, hidden, out), seed=seed, dtype=dtype)
+  if arch == 'resnet':
+    return ResNet(out=out, seed=seed, dtype=dtype)
   return ConvNet(out=out, seed=seed, dtype=dtype)
 
 
@@ -104,6 +173,10 @@ TRANSFORMS = {
     'proxbp_cg3': lambda: sibp_jax.proxbp(
         1.0, tau_prox=0.05, solver=sibp_jax.ConjugateGradient(3)),
 }
+
+
+# The transformations defined on any graph; the paper variant needs a chain.
+GRAPH_TRANSFORMS = tuple(n for n in TRANSFORMS if n != 'sibp_paper')
 
 
 def pure(tree):

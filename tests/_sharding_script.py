@@ -40,6 +40,7 @@ import sibp_jax  # noqa: E402
 
 from _models import MLP  # noqa: E402
 from _models import ConvNet  # noqa: E402
+from _models import ResNet  # noqa: E402
 from _models import arch_data  # noqa: E402
 from _models import classification  # noqa: E402
 from _models import xent  # noqa: E402
@@ -49,7 +50,9 @@ from _models import xent  # noqa: E402
 # batch space (Woodbury) and the data-parallel runs exercise the switch to
 # Cholesky. No layer width equals a batch size, so a batch-sized array in a
 # collective is recognisable by its shape. The ConvNet (8×8×2 inputs, two
-# convs, a dense layer) checks the im2col rows of a sharded batch.
+# convs, a dense layer) checks the im2col rows of a sharded batch; the
+# ResNet (BatchNorm, identity and projection shortcuts) the graph sweep,
+# whose BatchNorm statistics are sums over the sharded batch too.
 SIZES = (100, 120, 10)
 BATCH = 40
 
@@ -57,11 +60,13 @@ BATCH = 40
 def _data(arch, batch, seed=0):
   if arch == 'mlp':
     return classification(batch=batch, d_in=SIZES[0], seed=seed)
-  return arch_data('convnet', batch=batch, seed=seed)
+  return arch_data(arch, batch=batch, seed=seed)
 
 
 def _model(arch):
-  return MLP(SIZES) if arch == 'mlp' else ConvNet()
+  if arch == 'mlp':
+    return MLP(SIZES)
+  return ResNet() if arch == 'resnet' else ConvNet()
 
 
 def _cases(cholesky: bool):
@@ -96,34 +101,43 @@ MODES = {
 EXACT = ('sibp_linearized', 'sibp_paper', 'proxbp_exact')
 # (mode, arch, case) checked by `check`: under explicit sharding the MLP
 # with every SIBP variant and exact ProxBP, the ConvNet with exact SIBP and
-# ProxBP's CG; under GSPMD the exact solves, whose method the user pins;
-# the negative control once.
+# ProxBP's CG, the ResNet with exact SIBP and ProxBP; under GSPMD the exact
+# solves, whose method the user pins; the negative control once.
 CHECKS = ([('explicit', 'mlp', c) for c in EXACT + ('sibp_linearized_cg',)] +
           [('explicit', 'convnet', c) for c in ('sibp_linearized',
                                                 'proxbp_cg3')] +
+          [('explicit', 'resnet', c) for c in ('sibp_linearized',
+                                               'proxbp_exact')] +
           [('gspmd', 'mlp', c) for c in EXACT] +
           [('gspmd_default', 'mlp', 'sibp_linearized')])
 
 
 def make_step(tx, graphdef):
-  """The pure train step ``(params, opt_state, x, y) -> (..., loss)``."""
+  """The pure train step ``(variables, opt_state, x, y) -> (..., loss)``.
 
-  def step(params, opt_state, x, y):
-    model = nnx.merge(graphdef, params)
+  ``variables`` is ``(params, rest)``: the ``nnx.Param`` state, trained,
+  and everything else (BatchNorm statistics), carried.
+  """
+
+  def step(variables, opt_state, x, y):
+    params, rest = variables
+    model = nnx.merge(graphdef, params, rest)
     loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
         model, x, y, loss_fn=xent)
     updates, opt_state = tx.update(nnx.as_pure(grads), opt_state, params,
                                    problems=problems)
-    return optax.apply_updates(params, updates), opt_state, loss
+    _, _, rest = nnx.split(model, nnx.Param, ...)
+    return ((optax.apply_updates(params, updates), nnx.as_pure(rest)),
+            opt_state, loss)
 
   return step
 
 
 def _setup(case, cholesky, arch='mlp'):
-  graphdef, params = nnx.split(_model(arch))
-  params = nnx.as_pure(params)
+  graphdef, params, rest = nnx.split(_model(arch), nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   tx = _cases(cholesky)[case]()
-  return make_step(tx, graphdef), params, tx.init(params)
+  return make_step(tx, graphdef), (params, rest), tx.init(params)
 
 
 def _mesh(axis_type):

@@ -2,10 +2,13 @@
 
 The adapters intercept every recognised linear layer of a model and hand the
 call to the active :class:`Tape`. A recording tape keeps each layer's input
-and output. A segment tape replays the model with one layer's output replaced
-by a given value and keeps the next layer's input: that is the parameter-free
-map ``s_i`` between the two layers, as a function the sweep can evaluate and
-differentiate. Nothing here imports Flax.
+and output. A graph tape replays the model with every layer's output given
+by a hook: the model's parameter-free code as a function of all layers'
+outputs, which the sweep differentiates once for the whole graph. A segment
+tape replays the model with one layer's output replaced by a given value and
+keeps the next layer's input: in a chain, the parameter-free map ``s_i``
+between two layers, which the SIBP paper variant fits through. Nothing here
+imports Flax.
 """
 
 from __future__ import annotations
@@ -39,26 +42,45 @@ class Record:
 class Tape:
   """Receives the calls of intercepted linear layers.
 
-  Without ``source`` it records every call; with ``source`` it returns
-  ``value`` in place of that layer's output and keeps the input of the layer
-  at ``target`` in :attr:`captured`.
+  Three modes. Without arguments it records every call. With ``source`` it
+  returns ``value`` in place of that layer's output and keeps the input of
+  the layer at ``target`` in :attr:`captured` (a chain's segment). With
+  ``hook`` and the recorded layer ``paths`` it returns ``hook(index,
+  inputs)`` in place of every layer's output, ``index`` counting the calls
+  (the graph replay of the sweep).
   """
 
   def __init__(self, source: Path | None = None, value=None,
-               target: Path | None = None):
+               target: Path | None = None, *, hook=None,
+               paths: tuple[Path, ...] = ()):
     self.source, self.value, self.target = source, value, target
+    self.hook, self.paths = hook, paths
     self.records: list[Record] = []
     self.captured = None
+    self.calls = 0
 
   def visit(self, path: Path, inputs, compute: Callable[[], Any],
             has_bias: bool, kind: Callable[[], Hashable]):
     """Handles one call of a linear layer; ``kind()`` describes it."""
+    if self.hook is not None:
+      index = self.calls
+      if index >= len(self.paths) or self.paths[index] != path:
+        raise ValueError(
+            f"replaying the model called layer '"
+            f"{problems_lib.path_str(path)}' as linear layer {index}, but "
+            'the forward pass called '
+            + (f"'{problems_lib.path_str(self.paths[index])}'"
+               if index < len(self.paths) else 'fewer layers')
+            + ': the model must apply the same layers in the same order '
+            'every time it is called.')
+      self.calls += 1
+      return self.hook(index, inputs)
     if self.source is None:
       if any(r.path == path for r in self.records):
         raise ValueError(
             f"the linear layer '{problems_lib.path_str(path)}' is applied "
             'more than once in one forward pass; SIBP and ProxBP need every '
-            'linear layer once, in a chain.')
+            'linear layer once.')
       # Describe the layer before running it, so that an unsupported one is
       # named by us rather than failing inside Flax in its own words.
       layer_kind = kind()
@@ -93,7 +115,7 @@ class SegmentFn:
   ``runner(data, x)`` runs the model on ``x`` with interception on. The
   replay feeds zeros as the input: in a chain, the next layer's input does
   not depend on the model input once this layer's output is given (checked
-  by :func:`check_chain`), and XLA removes the dead computation of the
+  by :func:`chain_links`), and XLA removes the dead computation of the
   layers below and above.
   """
 
@@ -119,45 +141,88 @@ class SegmentFn:
     return self.replay(data, x, g)
 
 
-def _depends(jaxpr, sources) -> list[bool]:
-  """Which outputs of ``jaxpr`` depend on the invars in ``sources``."""
-  tainted = set(sources)
-  for eqn in jaxpr.eqns:
-    if any(isinstance(v, jex.Var) and v in tainted for v in eqn.invars):
-      tainted.update(eqn.outvars)
-  return [isinstance(v, jex.Var) and v in tainted for v in jaxpr.outvars]
+@dataclasses.dataclass(frozen=True)
+class GraphFn:
+  """The model as a function of its layers' outputs (:class:`Graph`'s fn).
 
-
-def check_chain(segment: SegmentFn, data, x, g, records_in) -> None:
-  """Raises ``ValueError`` unless the next layer's input is a function of
-  this layer's output alone.
-
-  A residual connection or a branch makes the next layer's input depend on
-  the model input by another way than through this layer; a layer fed by
-  something else does not depend on this layer's output at all. Both are
-  read off the traced program, so the check costs nothing at run time.
+  ``runner(data, x)`` runs the model on ``x`` with interception on;
+  ``paths`` are the linear layers of the forward pass in call order.
   """
-  closed = jax.make_jaxpr(lambda x, g: segment.replay(data, x, g))(x, g)
-  jaxpr = closed.jaxpr
+
+  runner: Hashable
+  paths: tuple[Path, ...]
+
+  def __call__(self, data, x, hook):
+    tape = Tape(hook=hook, paths=self.paths)
+    with tape.active():
+      out = self.runner(data, x)
+    if tape.calls != len(self.paths):
+      raise ValueError(
+          f'replaying the model called {tape.calls} linear layers, the '
+          f'forward pass {len(self.paths)}: the model must apply the same '
+          'layers every time it is called.')
+    return out
+
+
+def _dependencies(jaxpr, groups) -> list[frozenset]:
+  """For each output of ``jaxpr``, the groups of invars it depends on.
+
+  ``groups[k]`` is the group of invar ``k``. Calls of sub-programs are
+  treated as a whole (every output depends on every input), which can only
+  add dependencies.
+  """
+  deps = {v: frozenset([g]) for v, g in zip(jaxpr.invars, groups)}
+  none = frozenset()
+  for eqn in jaxpr.eqns:
+    found = none.union(*[deps.get(v, none) for v in eqn.invars
+                         if isinstance(v, jex.Var)])
+    for v in eqn.outvars:
+      deps[v] = found
+  return [deps.get(v, none) if isinstance(v, jex.Var) else none
+          for v in jaxpr.outvars]
+
+
+def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
+  """Reads the graph of the linear layers off the traced replay.
+
+  Returns, for every layer but the last, whether the next layer's input is
+  a function of this layer's output alone and no other layer's input
+  depends on it (a chain link, for which the segment ``s_i`` is defined).
+  Raises ``ValueError``, naming the layer, when a layer's output reaches no
+  later layer (its update would not follow the loss), or when the replay
+  gives a layer an input of another shape than the forward pass did. The
+  trace costs nothing at run time.
+  """
+  n = len(records)
+
+  def replay(x, outputs):
+    inputs = [None] * n
+
+    def hook(index, f):
+      inputs[index] = f
+      return outputs[index]
+    graph(data, x, hook)
+    return inputs
+
+  closed = jax.make_jaxpr(replay)(x, [r.outputs for r in records])
   n_x = len(jax.tree.leaves(x))
-  on_x = _depends(jaxpr, jaxpr.invars[:n_x])
-  on_g = _depends(jaxpr, jaxpr.invars[n_x:])
-  src = problems_lib.path_str(segment.source)
-  dst = problems_lib.path_str(segment.target)
-  if any(on_x):
-    raise ValueError(
-        f"the input of layer '{dst}' depends on the model input other than "
-        f"through layer '{src}' (a residual connection or a branch?): "
-        'SIBP and ProxBP need the linear layers to form a chain with '
-        'parameter-free code between them.')
-  if not any(on_g):
-    raise ValueError(
-        f"the input of layer '{dst}' does not depend on the output of layer "
-        f"'{src}': the linear layers do not form a chain.")
-  shape = closed.out_avals[0].shape
-  if shape != records_in.shape:
-    raise ValueError(f"replaying layer '{dst}' gave an input of shape "
-                     f'{shape}, but the forward pass had {records_in.shape}.')
+  groups = ['x'] * n_x + list(range(n))
+  deps = _dependencies(closed.jaxpr, groups)
+  for rec, aval in zip(records, closed.out_avals):
+    if aval.shape != rec.inputs.shape:
+      raise ValueError(
+          f"replaying layer '{problems_lib.path_str(rec.path)}' gave an "
+          f'input of shape {aval.shape}, but the forward pass had '
+          f'{rec.inputs.shape}.')
+  for i, rec in enumerate(records[:-1]):
+    if not any(i in d for d in deps[i + 1:]):
+      raise ValueError(
+          f"the output of layer '{problems_lib.path_str(rec.path)}' does "
+          "not reach any later linear layer, so it does not reach the "
+          "model's output: every linear layer must contribute to the "
+          'output.')
+  return [deps[i + 1] == frozenset([i]) and
+          not any(i in d for d in deps[i + 2:]) for i in range(n - 1)]
 
 
 def build_problems(records: list[Record], output_error, logits, *, runner,
@@ -169,10 +234,14 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
     output_error: ``∂ℓ/∂z`` per example.
     logits: the model's output, which must be the last layer's output.
     runner: hashable ``runner(data, x)`` that replays the model.
-    data: the arrays ``runner`` needs (the model's variables).
+    data: the arrays ``runner`` needs (the model's variables, its random
+      state as the forward pass started from it, call arguments).
     x: the model input of the forward pass.
     prefix: path of the module's variables inside the user's parameter tree.
-    check: verify that the layers form a chain (trace-time only).
+    check: read the layers' graph off one traced replay (trace time only):
+      refuse a layer whose output reaches no later layer, and define the
+      segments ``s_i`` only for chain links. Without it every layer is
+      taken to be a chain link.
   """
   if not records:
     raise ValueError('the model applied no recognised linear layer '
@@ -182,20 +251,22 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
         "the model's output must be the output of its last linear layer "
         f"('{problems_lib.path_str(records[-1].path)}'), with nothing applied "
         'after it: put any final activation into loss_fn.')
+  graph = GraphFn(runner, tuple(r.path for r in records))
+  links = (chain_links(graph, data, x, records) if check else
+           [True] * (len(records) - 1))
   struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
   layers = []
   for i, rec in enumerate(records):
     segment = None
-    if i + 1 < len(records):
-      fn = SegmentFn(runner, struct, rec.path, records[i + 1].path)
-      if check:
-        check_chain(fn, data, x, rec.outputs, records[i + 1].inputs)
-      segment = problems_lib.Segment(fn, data)
+    if i + 1 < len(records) and links[i]:
+      segment = problems_lib.Segment(
+          SegmentFn(runner, struct, rec.path, records[i + 1].path), data)
     layers.append(problems_lib.LayerProblem(
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
         kind=rec.kind, kernel_path=prefix + rec.path + ('kernel',),
         bias_path=prefix + rec.path + ('bias',) if rec.has_bias else None))
-  return problems_lib.Problems(tuple(layers), output_error)
+  return problems_lib.Problems(tuple(layers), output_error,
+                               problems_lib.Graph(graph, data, x))
 
 
 def check_batch(x, y, logits=None, losses=None) -> None:
@@ -236,10 +307,12 @@ def output_error(loss_fn, logits, y, loss):
 class Forward:
   """One recorded forward pass, shared by the Flax adapters.
 
-  ``loss(run)`` is the mean loss of ``run()`` (the model applied to ``x``
-  under the adapter's interception), returning the layers' inputs and
-  outputs as auxiliary values so that they leave the gradient transform as
-  plain arrays; ``problems(...)`` then assembles :class:`Problems`.
+  ``loss(run)`` is the mean loss of the logits of ``run()`` (which applies
+  the model to ``x`` under the adapter's interception and returns
+  ``(logits, extra)``), returning the layers' inputs and outputs and
+  ``extra`` (e.g. updated collections) as auxiliary values so that they
+  leave the gradient transform as plain arrays; ``problems(...)`` then
+  assembles :class:`Problems`.
   """
 
   def __init__(self, x, y, loss_fn):
@@ -251,17 +324,17 @@ class Forward:
   def loss(self, run):
     tape = Tape()
     with tape.active():
-      logits = run()
+      logits, extra = run()
     losses = self.loss_fn(logits, self.y)
     check_batch(self.x, self.y, logits, losses)
     self.records = tape.records
     self.is_last = bool(tape.records) and logits is tape.records[-1].outputs
     return jnp.mean(losses), ([r.inputs for r in tape.records],
-                              [r.outputs for r in tape.records])
+                              [r.outputs for r in tape.records], extra)
 
   def problems(self, loss, aux, *, runner, data, prefix: Path = (),
                check: bool = True):
-    inputs, outputs = aux
+    inputs, outputs, _ = aux
     records = [dataclasses.replace(r, inputs=i, outputs=o)
                for r, i, o in zip(self.records, inputs, outputs)]
     logits = records[-1].outputs if records and self.is_last else None

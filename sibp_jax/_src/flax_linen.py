@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -32,45 +33,131 @@ def _interceptor(next_fun, args, kwargs, context):
       lambda: flax_layers.layer_kind(module, name, inputs.shape))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Runner:
-  """Replays a linen module from its variables."""
-
-  module: nn.Module
-
-  def __call__(self, variables, x):
-    with nn.intercept_methods(_interceptor):
-      return self.module.apply(variables, x)
-
-
 def _is_variables(params) -> bool:
   return isinstance(params, Mapping) and 'params' in params
 
 
-def value_grad_and_problems(module: nn.Module, params, x, y, *, loss_fn,
-                            check_chain: bool = True):
+def _fresh(variables):
+  """New containers for ``variables``: ``apply`` writes a mutable
+  collection's new values into the dicts it was given."""
+  return jax.tree.map(lambda a: a, variables)
+
+
+def _is_array(leaf) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runner:
+  """Replays a linen module from its variables, random keys and arguments.
+
+  ``data`` is ``(variables, rngs, arrays)``: the arrays among the extra
+  call arguments; the other arguments (flags such as ``train=True``) are
+  static, kept here with the arguments' structure. Collections the call
+  would change (``mutable``) are taken as mutable and their new values
+  discarded: the replay must not move the running statistics again.
+  """
+
+  module: nn.Module
+  mutable: Any
+  treedef: Any
+  static: tuple
+
+  def __call__(self, data, x):
+    variables, rngs, arrays = data
+    leaves, arrays = list(self.static), iter(arrays)
+    leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in leaves]
+    args, kwargs = jax.tree.unflatten(self.treedef, leaves)
+    with nn.intercept_methods(_interceptor):
+      out = self.module.apply(_fresh(variables), x, *args, rngs=rngs,
+                              mutable=self.mutable, **kwargs)
+    return out[0] if self.mutable else out
+
+
+class _ArrayMarker:
+  def __repr__(self):
+    return '<array>'
+
+
+_ARRAY = _ArrayMarker()
+
+
+def _split_call_args(args, kwargs):
+  """Arrays among the call arguments (data) and the rest (static)."""
+  leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
+  static = tuple(_ARRAY if _is_array(leaf) else leaf for leaf in leaves)
+  try:
+    hash(static)
+  except TypeError as err:
+    raise ValueError(
+        'the extra call arguments must be arrays or hashable values (flags, '
+        f'numbers, strings): {err}') from None
+  return treedef, static, [leaf for leaf in leaves if _is_array(leaf)]
+
+
+def _mutable_names(mutable, collections) -> tuple[str, ...]:
+  if mutable is False or mutable is None:
+    return ()
+  if mutable is True:
+    return tuple(collections)
+  if isinstance(mutable, str):
+    return (mutable,)
+  return tuple(mutable)
+
+
+def value_grad_and_problems(module: nn.Module, params, x, y, *args,
+                            loss_fn, rngs=None, mutable=False,
+                            model_state=None, check_chain: bool = True,
+                            **kwargs):
   """Loss, gradient and layer-wise problems from one forward pass.
 
-  Runs ``module.apply`` once, recording the input and output of every
-  ``nn.Dense`` and ``nn.Conv`` it applies, and differentiates the mean loss
-  ``J = mean_b loss_fn(logits, y)_b`` with respect to ``params``. The layers
-  must be applied one after another with parameter-free code between them
-  and the module's output must be the last layer's output; anything else is
-  a ``ValueError`` naming the layer.
+  Runs ``module.apply(variables, x, *args, rngs=rngs, mutable=mutable,
+  **kwargs)`` once, recording the input and output of every ``nn.Dense``
+  and ``nn.Conv`` it applies, and differentiates the mean loss
+  ``J = mean_b loss_fn(logits, y)_b`` with respect to the ``'params'``
+  collection only.
+
+  The recognised layers, in call order, may form any graph: between them
+  runs any parameter-free code, including residual additions, branches,
+  pooling, normalisation (``BatchNorm``, ``LayerNorm``, ``GroupNorm``:
+  their scale and bias are held at their current values in the sweep and
+  take the plain gradient) and ``Dropout``. The sweep replays the module
+  with the same ``rngs``, variables and arguments, so it sees the forward
+  pass's dropout mask and batch statistics; the collections it would
+  change are discarded. Refused with a ``ValueError`` naming the layer: a
+  layer applied twice in one pass, a layer whose output reaches no later
+  layer, an unsupported convolution, a module whose output is not its last
+  linear layer's output.
 
   Args:
-    module: a ``flax.linen`` module built from ``nn.Dense`` / ``nn.Conv``
+    module: a ``flax.linen`` module built around ``nn.Dense`` / ``nn.Conv``
       layers.
     params: the ``'params'`` collection (as a ``TrainState`` holds it), or the
-      whole variables dict ``{'params': ...}``; gradients come back in the
-      same structure.
+      whole variables dict ``{'params': ..., 'batch_stats': ...}``;
+      gradients come back in the same structure (zero for every collection
+      but ``'params'``, which are not trained by gradient).
     x: the batch of inputs, leading axis the batch.
     y: the labels, with the same leading axis.
+    *args: further positional arguments of the module call.
     loss_fn: ``loss_fn(logits, labels)`` returning one loss per example.
-    check_chain: verify at trace time that the layers form a chain.
+    rngs: the ``rngs`` of ``module.apply``, e.g. ``{'dropout': key}``.
+    mutable: the ``mutable`` of ``module.apply``, e.g. ``['batch_stats']``
+      for train-mode ``BatchNorm``. When set, the updated collections are
+      returned as a fourth value, as ``module.apply`` returns them.
+    model_state: the other collections, e.g. ``{'batch_stats': ...}``, when
+      ``params`` is the ``'params'`` collection (as flax's ImageNet example
+      keeps them in its train state).
+    check_chain: read the layers' graph off one extra trace (default
+      ``True``; nothing at run time): refuse layers that reach no output,
+      and tell chain links (where the SIBP paper variant's segments are
+      defined) from the rest. With ``False`` the module is taken to be a
+      chain for the paper variant.
+    **kwargs: further keyword arguments of the module call, e.g.
+      ``train=True``.
 
   Returns:
-    ``(loss, grads, problems)``; pass ``problems=problems`` to the
+    ``(loss, grads, problems)``, and with ``mutable`` set ``(loss, grads,
+    problems, updated_collections)``; pass ``problems=problems`` to the
     transformation's ``update`` (or to :meth:`TrainState.apply_gradients`).
 
   Example:
@@ -94,20 +181,37 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *, loss_fn,
   """
   forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
   as_variables = _is_variables(params)
+  if as_variables:
+    state = {k: v for k, v in params.items() if k != 'params'}
+    trainable = params['params']
+  else:
+    state, trainable = {}, params
+  state = {**state, **dict(model_state or {})}
+  mutable_names = _mutable_names(mutable, state)
+  treedef, static, arrays = _split_call_args(args, kwargs)
+  runner = _Runner(module, mutable_names or False, treedef, static)
 
   def mean_loss(p):
-    variables = p if as_variables else {'params': p}
+    variables = {**state, 'params': p}
 
     def run():
       with nn.intercept_methods(_interceptor):
-        return module.apply(variables, forward.x)
+        out = module.apply(_fresh(variables), forward.x, *args, rngs=rngs,
+                           mutable=mutable_names or False, **kwargs)
+      return out if mutable_names else (out, None)
     return forward.loss(run)
 
-  (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+  (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+      trainable)
+  if as_variables:
+    grads = {k: (grads if k == 'params' else jax.tree.map(jnp.zeros_like, v))
+             for k, v in params.items()}
+  variables = {**state, 'params': trainable}
   problems = forward.problems(
-      loss, aux, runner=_Runner(module),
-      data=params if as_variables else {'params': params},
+      loss, aux, runner=runner, data=(variables, rngs, arrays),
       prefix=('params',) if as_variables else (), check=check_chain)
+  if mutable_names:
+    return loss, grads, problems, aux[2]
   return loss, grads, problems
 
 
@@ -115,9 +219,17 @@ class TrainState(train_state.TrainState):
   """A ``flax.training.train_state.TrainState`` that forwards extra arguments.
 
   Flax's own ``apply_gradients(grads=..., **kwargs)`` hands extra keyword
-  arguments to ``.replace()``; this one hands them to the transformation's
-  ``update``, so ``state.apply_gradients(grads=grads, problems=problems)``
-  runs a SIBP or ProxBP step.
+  arguments to ``.replace()``; this one hands those that name a field of
+  the state (``batch_stats``, or fields of a subclass) to ``.replace()`` and
+  the rest to the transformation's ``update``, so
+  ``state.apply_gradients(grads=grads, problems=problems,
+  batch_stats=updated['batch_stats'])`` runs a SIBP or ProxBP step and
+  keeps the running statistics of ``BatchNorm``, as the train step of
+  flax's ImageNet example does.
+
+  Attributes:
+    batch_stats: the ``'batch_stats'`` collection (``None`` for a model
+      without ``BatchNorm``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sibp_jax
@@ -136,11 +248,19 @@ class TrainState(train_state.TrainState):
     1
   """
 
+  batch_stats: Any = None
+
   def apply_gradients(self, *, grads, **kwargs: Any):
-    """One update; ``kwargs`` (e.g. ``problems``) go to ``tx.update``."""
+    """One update; ``kwargs`` (e.g. ``problems``) go to ``tx.update``.
+
+    Keyword arguments that name a field of the state (e.g.
+    ``batch_stats``) replace that field instead.
+    """
+    names = {f.name for f in dataclasses.fields(self)}
+    fields = {k: v for k, v in kwargs.items() if k in names}
+    extra = {k: v for k, v in kwargs.items() if k not in names}
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
-                                        **kwargs)
+                                        **extra)
     return self.replace(step=self.step + 1,
                         params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state)
-
+                        opt_state=opt_state, **fields)

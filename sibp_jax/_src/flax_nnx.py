@@ -79,11 +79,20 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   Runs ``model(x)`` once, recording the input ``f_{i-1}`` and output
   ``g_i`` of every ``nnx.Linear`` and ``nnx.Conv`` it applies, and
   differentiates the mean loss ``J = mean_b loss_fn(model(x), y)_b`` with
-  respect to the model's ``nnx.Param`` variables. The layers must be
-  applied one after another with parameter-free code between them
-  (elementwise activations, pooling, reshape/flatten) and the model's
-  output must be the last layer's output; anything else is a
-  ``ValueError`` naming the layer.
+  respect to the model's ``nnx.Param`` variables, as ``nnx.value_and_grad``
+  does: the forward pass updates the model's ``BatchStat`` variables and
+  advances its random streams as usual.
+
+  The recognised layers, in call order, may form any graph: between them
+  runs any parameter-free code, including residual additions, branches,
+  concatenation, pooling, normalisation (``BatchNorm``, ``LayerNorm``,
+  ``GroupNorm``: their scale and bias are held at their current values in
+  the sweep and take the plain gradient) and ``Dropout``. The sweep
+  replays the model from the state the forward pass started from, so it
+  sees the forward pass's dropout mask and batch statistics. Refused with
+  a ``ValueError`` naming the layer: a layer applied twice in one pass, a
+  layer whose output reaches no later layer, an unsupported convolution, a
+  model whose output is not its last linear layer's output.
 
   Args:
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
@@ -91,8 +100,11 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     y: the labels (any array with the same leading axis).
     loss_fn: ``loss_fn(logits, labels)`` returning one loss per example,
       e.g. ``optax.softmax_cross_entropy_with_integer_labels``.
-    check_chain: verify at trace time that the layers form a chain (default
-      ``True``; costs one extra trace per layer, nothing at run time).
+    check_chain: read the layers' graph off one extra trace (default
+      ``True``; nothing at run time): refuse layers that reach no output,
+      and tell chain links (where the SIBP paper variant's segments are
+      defined) from the rest. With ``False`` the model is taken to be a
+      chain for the paper variant.
 
   Returns:
     ``(loss, grads, problems)``: the mean loss, the gradient (the same
@@ -111,15 +123,21 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     [(5, 4), (5, 8)]
   """
   forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
+  # The sweep replays the model from the state the forward pass started
+  # from: the same random state draws the same dropout mask, and what the
+  # replay changes (BatchStat, RngCount) is discarded with its copy. The
+  # values are read now: the split state shares its Variables with the
+  # model, which the forward pass updates in place.
+  graphdef, state = nnx.split(model)
+  start = nnx.as_pure(state)
 
   def mean_loss(model):
     def run():
       with _intercept(model):
-        return model(forward.x)
+        return model(forward.x), None
     return forward.loss(run)
 
   (loss, aux), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
-  graphdef, state = nnx.split(model)
   problems = forward.problems(loss, aux, runner=_Runner(graphdef),
-                              data=nnx.as_pure(state), check=check_chain)
+                              data=start, check=check_chain)
   return loss, grads, problems

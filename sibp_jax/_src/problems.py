@@ -1,9 +1,16 @@
 """The layer-wise problems that one forward pass hands to the backward sweep.
 
-A network is read as a chain of parametric linear layers with parameter-free
-maps (``segments``) between them::
+A network is read as parametric linear layers, taken in call order, with
+parameter-free code between them. In a chain that code is one map
+(``segment``) from each layer to the next::
 
     f_0 = x,   g_i = A_i(f_{i-1}; θ_i),   f_i = s_i(g_i),   z = g_L.
+
+In a general graph (residual connections, branches, concatenations) a layer's
+input may depend on several earlier layers' outputs; the model is then kept
+as a whole, as a function of all layers' outputs (:class:`Graph`), and the
+sweep accumulates each layer's error over all its consumers by one reverse
+pass through it (see docs/algorithms.md).
 
 :class:`Problems` holds what the sweep needs from one forward pass: every
 layer's input ``f_{i-1}`` and pre-activation ``g_i``, the parameter-free map
@@ -202,14 +209,42 @@ class Segment:
 
 
 @dataclasses.dataclass(frozen=True)
+class Graph:
+  """The model's parameter-free code, as a function of its layers' outputs.
+
+  ``fn(data, inputs, hook)`` replays the model on ``inputs`` (the forward
+  pass's model input) with its variables ``data``; every recognised linear
+  layer's call is replaced by ``hook(index, layer_input)``, whose value is
+  used as that layer's output (``index`` counts the layers in call order).
+  It returns the model's output. Normalisation layers see the forward
+  pass's batch and dropout draws the forward pass's mask, because the
+  replay starts from the variables (and random state) the forward pass
+  started from; what the replay changes in them is discarded.
+
+  ``fn`` is static (hashable, equal across traces); ``data`` and
+  ``inputs`` are pytrees of arrays.
+  """
+
+  fn: Callable[[Any, Any, Callable], Any]
+  data: Any
+  inputs: Any
+
+  def __call__(self, hook):
+    return self.fn(self.data, self.inputs, hook)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerProblem:
   """One linear layer as seen by the sweep.
 
   Attributes:
     inputs: ``f_{i-1}``, the layer's input in the forward pass.
     outputs: ``g_i``, the layer's output (pre-activation) in the forward pass.
-    segment: ``s_i``, the map from ``outputs`` to the next layer's input;
-      ``None`` for the last layer, whose output is the logits.
+    segment: ``s_i``, the map from ``outputs`` to the next layer's input,
+      when the next layer's input is a function of this layer's output
+      alone (a chain link); ``None`` for the last layer, whose output is
+      the logits, and for a layer of a general graph whose output reaches
+      other layers or reaches them together with other inputs.
     kind: the static description of the linear map (:class:`Dense`, ...).
     kernel_path: where the kernel lives in the parameter tree.
     bias_path: where the bias lives, or ``None`` for a layer without one.
@@ -232,13 +267,18 @@ class Problems:
   """Everything the backward sweep needs from one forward pass.
 
   Attributes:
-    layers: the linear layers from input to output.
+    layers: the linear layers in call order (a topological order); the last
+      one produces the logits.
     output_error: ``e = ∂ℓ/∂z``, one row per example (not divided by the
       batch size): ``softmax(z) - onehot(y)`` for softmax cross-entropy.
+    graph: the model as a function of its layers' outputs, for the sweep
+      over a general graph; ``None`` when only the chain's segments are
+      known (then the layers must form a chain).
   """
 
   layers: tuple[LayerProblem, ...]
   output_error: jax.Array
+  graph: Graph | None = None
 
   @property
   def batch_size(self) -> int:
@@ -248,10 +288,13 @@ class Problems:
 jax.tree_util.register_dataclass(
     Segment, data_fields=['data'], meta_fields=['fn'])
 jax.tree_util.register_dataclass(
+    Graph, data_fields=['data', 'inputs'], meta_fields=['fn'])
+jax.tree_util.register_dataclass(
     LayerProblem, data_fields=['inputs', 'outputs', 'segment'],
     meta_fields=['kind', 'kernel_path', 'bias_path'])
 jax.tree_util.register_dataclass(
-    Problems, data_fields=['layers', 'output_error'], meta_fields=[])
+    Problems, data_fields=['layers', 'output_error', 'graph'],
+    meta_fields=[])
 
 
 def key_name(key) -> PathKey:

@@ -1,13 +1,20 @@
 """The backward sweep shared by SIBP (both variants) and ProxBP.
 
 The sweep walks the layers from the output down. At layer ``i`` it holds the
-error ``e_f`` on the layer's activation ``f_i`` (on the logits ``z`` at the
-top, where ``e_f = e = ∂ℓ/∂z`` per example), pulls it back through the
-parameter-free segment at the forward-pass point, ``e_g = s_i'(g_i)ᵀ e_f``,
-asks the algorithm's :class:`Rule` for the layer's new parameters, and chains
-the error to the layer's input through the rule's choice of weights::
+error ``e_g`` on the layer's output ``g_i``: the sum, over every consumer of
+``g_i`` (later layers' inputs, the logits), of that consumer's error pulled
+back through the parameter-free code at the forward-pass point. It asks the
+algorithm's rule for the layer's parameter change and chains the error to
+the layer's input through the rule's choice of weights::
 
     e_f ← A_iᵀ(e_g; θ_chain)          (Dense: e_g W_chainᵀ)
+
+In a chain, ``e_g = s_i'(g_i)ᵀ e_f`` with ``e_f`` the error on the next
+layer's input. On a general graph (residual connections, branches,
+normalisation over the batch) the sum over consumers is reverse-mode
+accumulation through the replayed model, one pass for all layers
+(:func:`_graph_sweep`); the paper variant, which fits through ``s_i``, is
+defined on chains only.
 
 The algorithms differ only in the rule:
 
@@ -218,8 +225,153 @@ class PaperRule:
     return LayerUpdate(dk, db, _sum_info(info_k, info_b))
 
 
+def _split_rule(rule):
+  """A rule's array fields (hyperparameters that may be traced) and the rest.
+
+  Returns ``(arrays, rebuild)`` with ``rebuild(arrays)`` the rule again. The
+  graph sweep hands the arrays to its custom VJP as explicit inputs: a
+  custom VJP must not close over values traced by an outer ``jit`` or
+  ``vmap`` (a learning rate from ``inject_hyperparams``, a vmapped
+  ``τ_prox``).
+  """
+  fields = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)}
+  leaves, treedef = jax.tree.flatten(fields)
+  dynamic = [i for i, leaf in enumerate(leaves)
+             if isinstance(leaf, (jax.Array, np.ndarray))]
+
+  def rebuild(arrays):
+    new = list(leaves)
+    for i, a in zip(dynamic, arrays):
+      new[i] = a
+    return dataclasses.replace(rule, **jax.tree.unflatten(treedef, new))
+
+  return [jnp.asarray(leaves[i]) for i in dynamic], rebuild
+
+
+def _zero_cotangent(x):
+  if x is None:
+    return None
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _layer_op(layer, rebuild, chain_new):
+  """The custom-VJP stand-in for one linear layer in the graph replay.
+
+  ``op(f, inputs, outputs, kernel, bias, hyper, slot)`` returns the layer's
+  recorded output ``outputs`` (in the compute dtype). Its backward pass
+  receives the error ``e_g`` accumulated over every consumer of the output,
+  solves the layer's subproblem with the rule, and returns as cotangents:
+  for ``f`` (the replayed layer input), the error chained to the layer's
+  input, ``A_iᵀ(e_g; θ_chain)``; for ``slot`` (a zero placeholder shaped
+  like the update), the layer's :class:`LayerUpdate`; zeros for the rest.
+  Every array the backward pass needs is an explicit input, so that nothing
+  traced by an outer ``jit`` or ``vmap`` is closed over; ``layer`` only
+  supplies its static description. The rule is called with ``e_f=None``:
+  on a graph the error on a layer's activation is not defined, and the
+  linearized and ProxBP rules do not use it.
+  """
+  static = dataclasses.replace(layer, inputs=None, outputs=None,
+                               segment=None)
+
+  @jax.custom_vjp
+  def op(f, inputs, outputs, kernel, bias, hyper, slot):
+    del f, inputs, kernel, bias, hyper, slot
+    return outputs
+
+  def fwd(f, inputs, outputs, kernel, bias, hyper, slot):
+    del slot
+    return outputs, (f, inputs, outputs, kernel, bias, hyper)
+
+  def bwd(residuals, e_g):
+    f, inputs, outputs, kernel, bias, hyper = residuals
+    problem = dataclasses.replace(static, inputs=inputs, outputs=outputs)
+    e_g = e_g.astype(kernel.dtype)
+    update = rebuild(hyper)(problem, kernel, bias, None, e_g)
+    chain_kernel = kernel + update.kernel if chain_new else kernel
+    _, pullback = jax.vjp(
+        lambda f_: static.kind.apply(chain_kernel, None, f_), inputs)
+    e_f = pullback(e_g)[0].astype(f.dtype)
+    info = (update.info.iterations.astype(kernel.dtype),
+            update.info.residual.astype(kernel.dtype))
+    return (e_f, _zero_cotangent(inputs), _zero_cotangent(outputs),
+            _zero_cotangent(kernel), _zero_cotangent(bias),
+            [_zero_cotangent(h) for h in hyper],
+            (update.kernel, update.bias, info))
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def _graph_sweep(problems, params, rule):
+  """The sweep over a general graph: one reverse pass through the model.
+
+  The model is replayed once on the forward pass's input with every linear
+  layer standing in as :func:`_layer_op`, and ``jax.vjp`` of the replay
+  with the output error on the logits runs reverse-mode accumulation: the
+  error reaching a layer's output is the sum over all its consumers (the
+  logits, later layers through their inputs, residual additions,
+  concatenations, normalisations), each layer's transpose taken at the
+  rule's weights. Every layer's update is the cotangent of its slot; the
+  cost is one forward and one backward pass of the parameter-free code plus
+  the layers' solves, linear in depth.
+  """
+  layers = []
+  for layer, (kernel, _) in zip(problems.layers, params):
+    dtype = kernel.dtype
+    layers.append(dataclasses.replace(
+        layer, inputs=layer.inputs.astype(dtype),
+        outputs=layer.outputs.astype(dtype)))
+  hyper, rebuild = _split_rule(rule)
+  ops = [_layer_op(layer, rebuild, rule.chain_new) for layer in layers]
+  zero = lambda a: None if a is None else jnp.zeros_like(a)
+  slots = [(zero(k), zero(b), (jnp.zeros((), k.dtype), jnp.zeros((), k.dtype)))
+           for k, b in params]
+  model_dtypes = [layer.outputs.dtype for layer in problems.layers]
+
+  def replay(slots):
+    top = []
+
+    def hook(index, f):
+      kernel, bias = params[index]
+      layer = layers[index]
+      g = ops[index](f, layer.inputs, layer.outputs, kernel, bias, hyper,
+                     slots[index])
+      if index == len(layers) - 1:
+        top.append(g)
+      return g.astype(model_dtypes[index])
+
+    problems.graph(hook)
+    # The model's output is the last layer's output (checked when the
+    # problems were built); its error enters in the compute dtype.
+    return top[0]
+
+  _, pullback = jax.vjp(replay, slots)
+  e = problems.output_error.astype(params[-1][0].dtype)
+  (found,) = pullback(e)
+  return [LayerUpdate(dk, db, solvers.SolveInfo(
+      its.astype(jnp.int32), res.astype(jnp.float32)))
+          for dk, db, (its, res) in found]
+
+
 def backward_sweep(problems: problems_lib.Problems, params, rule):
   """Runs the semi-implicit backward sweep.
+
+  From the last layer to the first, the error reaching layer ``i``'s output
+  ``g_i`` is the sum over all its consumers of their errors pulled back
+  through the parameter-free code at the forward pass's point: the logits'
+  output error, and every later layer's error chained through its input by
+  the rule's weights (new for SIBP, old for ProxBP). For a chain this is
+  ``e_g = s_i'(g_i)ᵀ A_{i+1}ᵀ(e_{g,i+1}; θ_chain)``; for a general graph
+  (residual connections, branches) it is reverse-mode accumulation through
+  the model, which :attr:`Problems.graph` makes possible.
+
+  The linearized and ProxBP rules need only that error. The paper variant
+  fits through each layer's segment ``s_i`` and its target ``f_i - η e_f``
+  and is defined here for chains only: on a graph where a layer's output
+  does not feed the next layer alone it raises ``ValueError`` naming the
+  layer.
 
   Args:
     problems: the layers and output error from one forward pass.
@@ -231,6 +383,22 @@ def backward_sweep(problems: problems_lib.Problems, params, rule):
     A list of :class:`LayerUpdate` (the changes of the parameters), input to
     output.
   """
+  if isinstance(rule, PaperRule):
+    for layer in problems.layers[:-1]:
+      if layer.segment is None:
+        raise ValueError(
+            f"variant='paper' fits each layer through the map to the next "
+            f"layer, but the output of layer '{layer.name}' does not feed "
+            'the next layer alone (a residual connection or a branch): the '
+            "paper variant needs a chain; use variant='linearized' on this "
+            'model.')
+  elif problems.graph is not None:
+    return _graph_sweep(problems, params, rule)
+  return _chain_sweep(problems, params, rule)
+
+
+def _chain_sweep(problems, params, rule):
+  """The sweep down a chain through its segments."""
   layers = problems.layers
   e_f = problems.output_error
   updates = [None] * len(layers)
