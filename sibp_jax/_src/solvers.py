@@ -326,29 +326,51 @@ class ConjugateGradient:
 
 @dataclasses.dataclass(frozen=True)
 class NonlinearCG:
-  """Fletcher–Reeves nonlinear conjugate gradient with Armijo backtracking.
+  r"""Fletcher–Reeves nonlinear conjugate gradient with Armijo backtracking.
 
-  Minimizes a smooth objective ``φ`` from a warm start ``x₀`` in a fixed
-  number of iterations. Each iteration takes the direction
-  ``d = -∇φ + β d_prev`` with ``β = ‖∇φ‖² / ‖∇φ_prev‖²`` (reset to ``-∇φ``
-  when it is not a descent direction), a first trial step ``α₀`` chosen so
-  that the predicted decrease ``-α₀ ∇φ·d`` is ``initial_decrease`` times
-  ``|φ(x)|`` (the rule presumes a least-squares objective, ``φ ≥ 0``), and
-  accepts the first ``α = α₀ ρʲ``, ``j = 0, 1, …, max_shrinks`` with
-  ``φ(x + α d) ≤ φ(x) + σ α ∇φ·d``. If none is accepted the point is kept,
-  so the objective never increases.
+  Minimizes a smooth objective ``φ ≥ 0`` (a least-squares fit plus a
+  proximal term) from a warm start ``x₀`` in a fixed number of iterations.
+  Each iteration takes the direction ``d = -∇φ + β d_prev`` with
+  ``β = ‖∇φ‖² / ‖∇φ_prev‖²`` and backtracks over powers of ``ρ``: it accepts
+  the first ``α = ρ^m``, ``m = m₀, m₀ + 1, …`` with
 
-  These are the SIBP authors' settings. Their code starts the backtracking at
-  ``j = 1``, skipping an acceptable full step ``α₀``; this solver tries
-  ``j = 0`` first, as the rule intends.
+  .. math::
+
+     φ(x + α d) < φ(x) + σ α ∇φ·d ,\qquad
+     m₀ = \max\Big(\Big\lfloor \frac{\log(c\, φ(x) / (σ |∇φ·d|))}
+                              {\log ρ} \Big\rfloor, 0\Big),
+
+  i.e. the first trial ``α₀ = ρ^{m₀}`` is the largest power of ``ρ``, at
+  most 1, whose sufficient-decrease term ``σ α₀ |∇φ·d|`` is at least
+  ``c = initial_decrease`` times ``φ(x)`` (its predicted decrease
+  ``α₀ |∇φ·d|`` is then about ``c/σ = 10%`` of ``φ``). If no trial is
+  accepted the point is kept, so the objective never increases.
+
+  These are the SIBP authors' settings and rule for the hidden layers (their
+  ``FR3``; docs/algorithms.md section 1), with their code's two slips in it
+  fixed as the rule intends: a trial accepted at ``m = 0`` is taken (their
+  code only moves for ``m > 0``), and the trials run ``m₀, m₀ + 1, …`` in
+  order (their code first evaluates ``α = 1`` and, depending on it, takes
+  ``ρ^{m₀}`` unchecked or skips ``m₀``). Their last layer (``FR4``) runs the
+  same iteration with ``m₀ = 0``; :func:`sibp_jax.sibp` solves that linear
+  layer exactly instead (``last_layer_solver``).
+
+  Two deviations, both documented choices: when ``d`` is not a descent
+  direction (``∇φ·d ≥ 0``, possible for Fletcher–Reeves with an inexact
+  line search) this restarts from ``d = -∇φ`` where the authors' code would
+  search along an ascent direction; and at most ``max_shrinks`` shrinks
+  follow the first trial, where the authors bound the exponent itself
+  (``m < 50``). The two bounds differ only when more than ``50 - m₀`` trials
+  in a row fail, i.e. for steps below ``ρ^50 ≈ 8e-12``.
 
   Attributes:
     iterations: outer iterations ``K`` (static, ≥ 1; default 5).
     shrink: backtracking factor ``ρ`` in (0, 1) (default 0.6).
     sufficient_decrease: Armijo constant ``σ`` in (0, 1) (default 0.1).
-    max_shrinks: most backtracking steps per iteration (static; default 50).
-    initial_decrease: the first trial step's predicted decrease as a fraction
-      of the objective (default 0.01).
+    max_shrinks: most backtracking steps after the first trial (static;
+      default 50).
+    initial_decrease: ``c`` above, the first trial's sufficient-decrease
+      term as a fraction of the objective (default 0.01, the authors').
     space: where the SIBP paper variant runs a hidden layer's kernel fit
       (static): ``'auto'`` (default) takes row space
       (:meth:`minimize_in_row_space`) when the layer has fewer rows than
@@ -358,6 +380,13 @@ class NonlinearCG:
       (GSPMD) sharding of the batch, whose traced types do not show it,
       pass ``'parameters'`` (as ``Ridge('cholesky')`` for the exact
       solves).
+
+  Example:
+    >>> import jax.numpy as jnp, sibp_jax
+    >>> x, info = sibp_jax.NonlinearCG(iterations=20).minimize(
+    ...     lambda x: jnp.sum((x - 3.0) ** 2), jnp.zeros(4))
+    >>> bool(jnp.allclose(x, 3.0, atol=1e-3))
+    True
   """
 
   iterations: int = 5
@@ -482,10 +511,16 @@ class NonlinearCG:
       descent = slope < 0
       d = jnp.where(descent, d, -g)
       slope = jnp.where(descent, slope, -gg)
-      # slope == 0 only at a stationary point (or with f == 0 at its
-      # minimum): then α₀ = 0 and the point stays.
-      alpha0 = jnp.where(slope < 0, self.initial_decrease * jnp.abs(f) /
-                         jnp.where(slope < 0, -slope, 1.0), 0.0)
+      # The first trial ρ^m₀ (see the class docstring). slope == 0 only at
+      # a stationary point: then α₀ = 0 and the point stays; ratio == 0
+      # (φ = 0, a least-squares fit at its minimum) would make m₀ infinite.
+      ratio = self.initial_decrease * jnp.abs(f) / (
+          self.sufficient_decrease * jnp.where(slope < 0, -slope, 1.0))
+      m0 = jnp.floor(jnp.log(jnp.where(ratio > 0, ratio, 1.0)) /
+                     jnp.log(jnp.asarray(self.shrink, dtype)))
+      m0 = jnp.where(ratio > 0, jnp.maximum(m0, 0.0), 0.0)
+      alpha0 = jnp.where((slope < 0) & (ratio > 0),
+                         jnp.asarray(self.shrink, dtype) ** m0, 0.0)
       yd = linear(d)
 
       def untried(c):
@@ -496,7 +531,7 @@ class NonlinearCG:
         j, _, _ = c
         alpha = alpha0 * jnp.asarray(self.shrink, dtype) ** j
         f_trial = outer(y + alpha * yd, x + alpha * d)
-        ok = f_trial <= f + self.sufficient_decrease * alpha * slope
+        ok = f_trial < f + self.sufficient_decrease * alpha * slope
         return j + 1, ok & jnp.isfinite(f_trial), alpha
 
       j, accepted, alpha = jax.lax.while_loop(
