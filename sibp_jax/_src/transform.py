@@ -309,9 +309,10 @@ def scale_by_sibp(
   the same 5 iterations from a first trial ``α₀ = 1``. The linearized
   variant is the default because it lowers the loss faster per epoch and
   per second: one epoch of Fashion-MNIST on the paper's 784-500-10 network
-  at batch 100 took the training loss from 2.378 to 0.338 in 1.7 s of
-  updates (linearized) against 0.424 in 3.9 s (paper), measured by ``python examples/benchmark.py --section epoch``
-  on 2 CPU cores (README, "Measurements").
+  at batch 100 took the training loss from 2.38 to 0.338 in 4.5 s of
+  updates (linearized) against 0.371 in 13.6 s (paper), measured by
+  ``OPENBLAS_NUM_THREADS=1 python examples/benchmark.py --section epoch``
+  on 2 shared CPU cores.
 
   The returned direction is ``(X_old - X_new) / η`` for every parameter of a
   recognised linear layer, so that scaling by ``-η`` gives the SIBP step; all
