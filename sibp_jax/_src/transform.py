@@ -309,8 +309,8 @@ def scale_by_sibp(
   the same 5 iterations from a first trial ``α₀ = 1``. The linearized
   variant is the default because it lowers the loss faster per epoch and
   per second: one epoch of Fashion-MNIST on the paper's 784-500-10 network
-  at batch 100 took the training loss from 2.38 to 0.338 in 4.5 s of
-  updates (linearized) against 0.371 in 13.6 s (paper), measured by
+  at batch 100 took the training loss from 2.38 to 0.338 in 3.1 s of
+  updates (linearized) against 0.371 in 6.7 s (paper), measured by
   ``OPENBLAS_NUM_THREADS=1 python examples/benchmark.py --section epoch``
   on 2 shared CPU cores.
 
