@@ -13,11 +13,13 @@ from sibp_jax._src.solvers import ConjugateGradient
 from sibp_jax._src.solvers import NonlinearCG
 from sibp_jax._src.solvers import Ridge
 from sibp_jax._src.solvers import RidgeProblem
+from sibp_jax._src.solvers import RidgeSolver
 from sibp_jax._src.solvers import SolveInfo
-from sibp_jax._src.sweep import backward_sweep
+from sibp_jax._src.sweep import backward_sweep  # noqa: F401  (not in __all__)
+from sibp_jax._src.transform import LayerwiseInfo
 from sibp_jax._src.transform import ScaleByProxBPState
 from sibp_jax._src.transform import ScaleBySIBPState
-from sibp_jax._src.transform import SIBPInfo
+from sibp_jax._src.transform import SIBPInfo  # noqa: F401
 from sibp_jax._src.transform import SkipOnBadStepState
 from sibp_jax._src.transform import scale_by_proxbp
 from sibp_jax._src.transform import scale_by_sibp
@@ -30,17 +32,17 @@ __all__ = (
     'Conv',
     'Dense',
     'LayerProblem',
+    'LayerwiseInfo',
     'NonlinearCG',
     'Problems',
     'Ridge',
     'RidgeProblem',
-    'SIBPInfo',
+    'RidgeSolver',
     'ScaleByProxBPState',
     'ScaleBySIBPState',
     'Segment',
     'SkipOnBadStepState',
     'SolveInfo',
-    'backward_sweep',
     'linen',
     'nnx',
     'proxbp',

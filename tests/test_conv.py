@@ -115,7 +115,7 @@ def test_conv_ridge_solves_match_dense_reference(window, strides, padding,
                                    [np.asarray(db)[None]]), axis=0)
 
   for solver in (sibp_jax.Ridge('cholesky'), sibp_jax.Ridge('woodbury'),
-                 sibp_jax.ConjugateGradient(60)):
+                 sibp_jax.ConjugateGradient(60, tol=0.0)):
     delta, _ = jax.jit(solver.solve)(problem)
     # float32 solves with condition number ≲ 10³: 1e-3 relative.
     np.testing.assert_allclose(flat(delta), reference, rtol=1e-3, atol=1e-4,
@@ -132,7 +132,7 @@ def test_ridge_hands_oversized_factors_to_cg():
   exact, info = sibp_jax.Ridge().solve(problem)
   assert int(info.iterations) == 0
   small = sibp_jax.Ridge(max_factor=10,
-                         fallback=sibp_jax.ConjugateGradient(40))
+                         fallback=sibp_jax.ConjugateGradient(40, tol=0.0))
   approx, info = small.solve(problem)  # 19 columns, 108 rows: both > 10
   assert int(info.iterations) == 40
   chex.assert_trees_all_close(approx, exact, rtol=1e-3, atol=1e-4)

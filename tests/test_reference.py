@@ -175,17 +175,24 @@ def sibp_linearized_step(params, x, y, eta, lam_w, lam_b):
 def nonlinear_cg(fun, grad, x0, *, iterations=5, shrink=0.6,
                  sufficient_decrease=0.1, max_shrinks=50,
                  initial_decrease=0.01, stats=None):
-  """Fletcher–Reeves nonlinear CG with Armijo backtracking, by its stated rule.
+  """Fletcher–Reeves nonlinear CG with Armijo backtracking over powers of ρ.
 
-  The defaults are the SIBP authors' settings (K = 5, ρ = 0.6, σ = 0.1, at
-  most 50 shrinks, first trial predicting a 1% decrease).
+  The SIBP authors' hidden-layer rule (docs/algorithms.md section 1) with
+  their slips fixed: trials ``α = ρ^m`` for ``m = m₀, m₀ + 1, …`` in order,
+  the first passing one taken (also at ``m = 0``), starting from the
+  authors' ``m₀ = max(floor(log(c φ / (σ |∇φ·d|)) / log ρ), 0)``: the
+  largest power of ρ, at most 1, with ``σ ρ^m₀ |∇φ·d| ≥ c φ``. The
+  defaults are the authors' settings (K = 5, ρ = 0.6, σ = 0.1, c = 0.01);
+  the shrinks after the first trial are bounded by ``max_shrinks``, and a
+  direction that is not descent is restarted from ``-∇φ``, as
+  ``sibp_jax.NonlinearCG`` documents.
 
   Returns ``(x, evaluations)``: evaluations count every objective evaluation
   (the start, each line-search trial, and the value and gradient at each
   iteration's end point), as ``sibp_jax.SolveInfo.iterations`` documents.
   ``stats``, if given, counts which branches ran: ``'restart'`` (direction
-  not descent), ``'shrink'`` (rejected trials) and ``'stuck'`` (no trial
-  accepted).
+  not descent), ``'shrink'`` (rejected trials), ``'stuck'`` (no trial
+  accepted) and ``'unit'`` (a first trial of α = 1, m₀ = 0).
   """
   rho, sigma = shrink, sufficient_decrease
   stats = {} if stats is None else stats
@@ -201,14 +208,20 @@ def nonlinear_cg(fun, grad, x0, *, iterations=5, shrink=0.6,
       count('restart')
       d = -g
       slope = -gg
-    # First trial step: predicted decrease -alpha0 * slope = c * f.
-    alpha0 = initial_decrease * f / -slope if slope < 0 else 0.0
+    if slope < 0 and f > 0:
+      m0 = max(int(np.floor(np.log(initial_decrease * f / (sigma * -slope)) /
+                            np.log(rho))), 0)
+      alpha0 = rho**m0
+      if m0 == 0:
+        count('unit')
+    else:
+      alpha0 = 0.0
     accepted, alpha = False, 0.0
     for j in range(max_shrinks + 1):
       trial = alpha0 * rho**j
       f_trial = fun(x + trial * d)
       evals += 1
-      if np.isfinite(f_trial) and f_trial <= f + sigma * trial * slope:
+      if np.isfinite(f_trial) and f_trial < f + sigma * trial * slope:
         accepted, alpha = True, trial
         break
       count('shrink')
@@ -429,9 +442,9 @@ def _check_paper(batch, sizes, hypers, cg_settings, branch=None,
 @pytest.mark.parametrize('eta,lam_w,lam_b', HYPERS)
 @pytest.mark.parametrize('batch,sizes', _cases())
 def test_sibp_paper_matches_transcription(batch, sizes, eta, lam_w, lam_b):
-  # The authors' solver settings (the default NonlinearCG()). Its first trial
-  # step is short, so most trials are accepted; the 3-layer B = 7 case also
-  # shrinks and, for some hyperparameters, restarts.
+  # The authors' solver settings (the default NonlinearCG()), whose first
+  # trial (sufficient-decrease term 1% of the objective, a power of ρ) is
+  # often accepted and sometimes shrunk.
   _check_paper(batch, sizes, (eta, lam_w, lam_b), {})
 
 
@@ -443,9 +456,12 @@ def test_sibp_paper_in_parameter_space_matches_transcription(batch, sizes):
 
 
 # Other NonlinearCG settings, chosen so that the line search's other branches
-# run on every case: many rejected trials (a long first trial step), and
-# iterations where no trial is accepted and the point is kept (few shrinks).
+# run on every case: many rejected trials (a long first trial step), a first
+# trial of α = 1 (m₀ = 0, the cap), and iterations where no trial is
+# accepted and the point is kept (few shrinks).
 OTHER_CG = {
+    'unit-first-trial': ({'iterations': 5, 'initial_decrease': 10.0},
+                         'unit'),
     'long-first-step': ({'iterations': 8, 'initial_decrease': 0.1},
                         'shrink'),
     'few-shrinks': ({'iterations': 8, 'initial_decrease': 0.3,

@@ -90,7 +90,8 @@ def test_cg_with_enough_steps_reaches_exact(kernel, bias):
   # most that many steps; a few more absorb float32 round-off.
   p = _problem(30, 6, 3, seed=2, kernel=kernel, bias=bias)
   exact, _ = sibp_jax.Ridge().solve(p)
-  approx, info = jax.jit(sibp_jax.ConjugateGradient(12).solve)(p)
+  # tol=0: run all 12 steps (the default exits early, at 1e-2).
+  approx, info = jax.jit(sibp_jax.ConjugateGradient(12, tol=0.0).solve)(p)
   chex.assert_trees_all_close(approx, exact, rtol=1e-3, atol=1e-5)
   assert float(info.residual) < 1e-3
   assert int(info.iterations) == 12
@@ -99,7 +100,7 @@ def test_cg_with_enough_steps_reaches_exact(kernel, bias):
 def test_cg_few_steps_is_partial_and_reports_it():
   p = _problem(30, 6, 3, seed=3, lam_kernel=0.01, lam_bias=0.01)
   _, info1 = sibp_jax.ConjugateGradient(1).solve(p)
-  _, info12 = sibp_jax.ConjugateGradient(12).solve(p)
+  _, info12 = sibp_jax.ConjugateGradient(12, tol=0.0).solve(p)
   assert float(info1.residual) > 10 * float(info12.residual)
 
 
@@ -223,3 +224,99 @@ def test_ridge_vmaps_over_problems():
     chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], batched),
                                 single,
                                 rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Block CG against a NumPy transcription of the ProxBP authors' prox_cgN.
+# --------------------------------------------------------------------------
+
+
+def block_cg(apply_m, rhs, iterations, eps=1e-6, tol=1e-2):
+  """The ProxBP authors' "matrix version" of CG, float64, slip fixed.
+
+  Solves ``M X = rhs`` from ``X = 0`` for every column of ``rhs`` at once,
+  with per-column step ``α = ‖r‖² / (pᵀMp + ε)`` and conjugation weight
+  ``β = ‖r_new‖² / (‖r‖² + ε)``; stops after ``iterations`` steps or, before
+  that, once the largest column's ``‖r‖²`` is below ``tol²`` times the mean
+  initial one. The first direction is a copy of the residual (the authors'
+  code aliases the two). Returns ``(X, steps)``.
+  """
+  x = np.zeros_like(rhs)
+  r = rhs.copy()
+  p = r.copy()
+  rr = np.sum(r * r, axis=0)
+  scale = np.mean(rr)
+  k = 0
+  while True:
+    k += 1
+    mp = apply_m(p)
+    alpha = rr / (np.sum(p * mp, axis=0) + eps)
+    x = x + alpha * p
+    if k == iterations:
+      break
+    r = r - alpha * mp
+    rr_new = np.sum(r * r, axis=0)
+    if np.max(rr_new) < tol**2 * scale:
+      break
+    p = r + (rr_new / (rr + eps)) * p
+    rr = rr_new
+  return x, k
+
+
+def _block_cg_reference(p, iterations, blocks, **settings):
+  design, gram, _ = _closed_form(p)
+  rhs = design.T @ np.asarray(p.residual, np.float64)
+  if blocks == 'columns':
+    return block_cg(lambda x: gram @ x, rhs, iterations, **settings)
+  shape = rhs.shape
+  x, k = block_cg(lambda v: (gram @ v.reshape(shape)).reshape(-1, 1),
+                  rhs.reshape(-1, 1), iterations, **settings)
+  return x.reshape(shape), k
+
+
+# float64 on both sides: the two differ only by the order of float64 sums
+# over at most a few hundred terms carried through 50 steps (largest seen
+# 1e-13 relative), far below 1e-10.
+@pytest.mark.parametrize('blocks', ['columns', 'layer'])
+@pytest.mark.parametrize('iterations', [1, 2, 3, 10, 50])
+@pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
+                                         (False, True)])
+def test_cg_matches_authors_block_cg(blocks, iterations, kernel, bias):
+  with jax.enable_x64(True):
+    p = _problem(30, 12, 5, seed=4, kernel=kernel, bias=bias,
+                 lam_kernel=0.05, lam_bias=0.02)
+    p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
+    expected, steps = _block_cg_reference(p, iterations, blocks)
+    solver = sibp_jax.ConjugateGradient(iterations, blocks=blocks)
+    delta, info = jax.jit(solver.solve)(p)
+    np.testing.assert_allclose(_stack(delta), expected, rtol=1e-10,
+                               atol=1e-10 * np.abs(expected).max())
+    assert int(info.iterations) == steps
+
+
+def test_cg_early_exit_fires_as_the_authors():
+  """A well-conditioned system meets tol = 1e-2 long before 50 steps."""
+  with jax.enable_x64(True):
+    p = _problem(40, 12, 5, seed=5, lam_kernel=10.0, lam_bias=10.0)
+    p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
+    for tol in (1e-2, 1e-4):
+      expected, steps = _block_cg_reference(p, 50, 'columns', tol=tol)
+      assert 1 < steps < 50, steps
+      delta, info = sibp_jax.ConjugateGradient(50, tol=tol).solve(p)
+      assert int(info.iterations) == steps
+      np.testing.assert_allclose(_stack(delta), expected, rtol=1e-10,
+                                 atol=1e-10 * np.abs(expected).max())
+
+
+def test_cg_columns_are_independent_solves():
+  """Column-wise CG of a dense layer = one CG per output unit on its own."""
+  p = _problem(30, 6, 4, seed=6)
+  together, _ = sibp_jax.ConjugateGradient(4, tol=0.0).solve(p)
+  for j in range(4):
+    single = sibp_jax.RidgeProblem(
+        p.kind, p.inputs, p.residual[:, j:j + 1], (6, 1), (1,),
+        p.lam_kernel, p.lam_bias)
+    alone, _ = sibp_jax.ConjugateGradient(4, tol=0.0).solve(single)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda a, j=j: a[..., j:j + 1], together), alone,
+        rtol=1e-5, atol=1e-6)

@@ -37,6 +37,16 @@ def sibp(
   of size ``learning_rate``. See :func:`scale_by_sibp` for the variants and
   solvers.
 
+  **Chaining.** The step of every parameter of a recognised linear layer
+  comes from ``problems`` (the forward pass's activations and output
+  error), not from the gradient handed to ``update``: a transformation
+  chained before this one (clipping, scaling, weight decay) does not act on
+  those parameters. Put it first in an ``optax.chain`` and add such terms
+  after it. ``state.info.grad_mismatch`` (see
+  :class:`sibp_jax.LayerwiseInfo`) shows when the incoming gradient and the
+  problems disagree. On a step that is not finite the update is zero and the
+  state, the schedule's count included, stays as it was.
+
   Args:
     learning_rate: ``η``, the step on the neurons (> 0, a scalar or a
       schedule). The paper's setting is 0.1; implicit steps stay stable at
@@ -75,7 +85,9 @@ def sibp(
     Liu & Zhang, `Semi-Implicit Back Propagation
     <https://arxiv.org/abs/2002.03516>`_, 2020.
   """
-  return optax.chain(
+  # Held still together on a skipped step, so that a schedule's count in
+  # the outer scaling stays in step with the inner one.
+  return transform.skip_outer_on_bad_step(
       transform.scale_by_sibp(learning_rate, variant=variant,
                               lambda_w=lambda_w, lambda_b=lambda_b,
                               solver=solver,
@@ -98,15 +110,26 @@ def proxbp(
   (the authors' MLP setting: 1.0, 0.95, ``τ_prox = 0.05``). On a step flagged
   as not finite the update is zero and ``outer``'s momentum is left untouched.
 
+  **Chaining.** The step of every parameter of a recognised linear layer
+  comes from ``problems`` (the forward pass's activations and output
+  error), not from the gradient handed to ``update``: a transformation
+  chained before this one (clipping, scaling, weight decay) does not act on
+  those parameters. Put it first in an ``optax.chain`` and add such terms
+  after it (or in ``outer``). ``state.info.grad_mismatch`` (see
+  :class:`sibp_jax.LayerwiseInfo`) shows when the incoming gradient and the
+  problems disagree. On a step that is not finite the update is zero and the
+  state, the schedule's count included, stays as it was.
+
   Args:
     learning_rate: the outer optimizer's learning rate (default 1.0); unused
       when ``outer`` is given.
     tau_prox: ``τ_prox`` (> 0; default 0.05).
     momentum: Nesterov momentum of the default outer optimizer (default 0.95;
       ``None`` for plain SGD); unused when ``outer`` is given.
-    solver: ``'exact'``, ``'cg'``, :class:`sibp_jax.Ridge` or
-      :class:`sibp_jax.ConjugateGradient` (``ConjugateGradient(3)`` is
-      "prox_cg3").
+    solver: ``'exact'``, ``'cg'``, :class:`sibp_jax.Ridge`,
+      :class:`sibp_jax.ConjugateGradient` (``ConjugateGradient(3)`` is the
+      authors' "prox_cg3": one CG per output unit of a dense layer, their
+      ``ε`` and early exit) or any :class:`sibp_jax.RidgeSolver`.
     outer: any optax transformation to use instead, e.g. ``optax.adam(1e-3)``
       as for the authors' ConvNet.
 

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 from typing import Any
 from typing import NamedTuple
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +51,14 @@ class SolveInfo(NamedTuple):
       the normal equations' residual over its value at the old parameters.
       :class:`NonlinearCG`: the gradient norm at the returned point over its
       value at the start.
+    fallback: ``True`` where :class:`Ridge` handed the solve to its
+      ``fallback`` (an iterative solver) because the factor would have
+      exceeded ``max_factor``; ``False`` otherwise.
   """
 
   iterations: jax.Array
   residual: jax.Array
+  fallback: Any = False
 
 
 def _tree_vdot(a, b):
@@ -61,7 +66,7 @@ def _tree_vdot(a, b):
              zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def _spd_solve(a, b):
+def _lapack_spd_solve(a, b):
   """``a⁻¹ b`` for symmetric positive definite ``a`` by its Cholesky factor.
 
   Solved as ``bᵀ a⁻¹ = ((bᵀ L⁻ᵀ) L⁻¹)`` with the factor on the right: ``b``
@@ -76,7 +81,90 @@ def _spd_solve(a, b):
   return solve(solve(b.T, transpose_a=True)).T
 
 
-def _ratio(num, den):
+# Diagonal blocks of the blocked factorization below: small enough that the
+# column loop is short, large enough that the recursion stays shallow.
+_BLOCK = 32
+# Beyond this side the O(n³) work dominates and LAPACK's blocked kernels win.
+_XLA_SOLVE_MAX = 2048
+
+
+def _cholesky_and_inverse(a):
+  """``(L, L⁻¹)`` of SPD ``a = L Lᵀ`` in plain XLA operations.
+
+  Recursive on 2 × 2 blocks, ``L₂₁ = A₂₁ L₁₁⁻ᵀ`` and the Schur complement
+  ``A₂₂ - L₂₁ L₂₁ᵀ`` (SPD again), with ``L⁻¹``'s off-diagonal block
+  ``-L₂₂⁻¹ L₂₁ L₁₁⁻¹``; diagonal blocks of at most ``_BLOCK`` by a column
+  loop. Everything above the blocks is matrix products.
+  """
+  n = a.shape[0]
+  if n <= _BLOCK:
+    index = jnp.arange(n)
+
+    def column(j, carry):
+      rest, factor = carry
+      col = jnp.where(index >= j, rest[:, j] / jnp.sqrt(rest[j, j]), 0.0)
+      return rest - jnp.outer(col, col), factor.at[:, j].set(col)
+
+    _, factor = jax.lax.fori_loop(0, n, column, (a, jnp.zeros_like(a)))
+    # L = D (I - N) with N strictly lower triangular, so N^n = 0 and
+    # (I - N)⁻¹ = (I + N)(I + N²)(I + N⁴)…: log₂ n products, no loop.
+    diag = jnp.diagonal(factor)
+    nil = jnp.eye(n, dtype=a.dtype) - factor / diag[:, None]
+    inverse = jnp.eye(n, dtype=a.dtype) + nil
+    power = 2
+    while power < n:
+      nil = jnp.matmul(nil, nil, precision=PRECISION)
+      inverse = inverse + jnp.matmul(inverse, nil, precision=PRECISION)
+      power *= 2
+    return factor, inverse / diag[None, :]
+  h = n // 2
+  l11, m11 = _cholesky_and_inverse(a[:h, :h])
+  l21 = jnp.matmul(a[h:, :h], m11.T, precision=PRECISION)
+  l22, m22 = _cholesky_and_inverse(
+      a[h:, h:] - jnp.matmul(l21, l21.T, precision=PRECISION))
+  m21 = -jnp.matmul(m22, jnp.matmul(l21, m11, precision=PRECISION),
+                    precision=PRECISION)
+  zero = jnp.zeros((h, n - h), a.dtype)
+  return (jnp.block([[l11, zero], [l21, l22]]),
+          jnp.block([[m11, zero], [m21, m22]]))
+
+
+def _xla_spd_solve(a, b):
+  """``a⁻¹ b`` through ``a⁻¹ = L⁻ᵀ L⁻¹`` from :func:`_cholesky_and_inverse`.
+
+  Forming ``a⁻¹`` costs ``n³``, less than the ``n²·d`` products with ``b``
+  for the wide right-hand sides here, and leaves one product per solve.
+  Products with an explicit inverse are not backward stable as triangular
+  solves are; one step of iterative refinement (two more products) brings
+  the residual back to the triangular solves' level (seen: float32,
+  condition number 2.6e4, ‖a x - b‖/‖b‖ 7e-4 by LAPACK's triangular
+  solves, 4e-3 without refinement, 6e-4 with it).
+  """
+  _, inverse = _cholesky_and_inverse(a)
+  inverse = jnp.matmul(inverse.T, inverse, precision=PRECISION)
+  x = jnp.matmul(inverse, b, precision=PRECISION)
+  residual = b - jnp.matmul(a, x, precision=PRECISION)
+  return x + jnp.matmul(inverse, residual, precision=PRECISION)
+
+
+def _spd_solve(a, b):
+  """``a⁻¹ b`` for symmetric positive definite ``a``, ``b`` shaped ``(n, d)``.
+
+  On CPU, factors up to ``_XLA_SOLVE_MAX`` on a side are solved in plain XLA
+  operations (:func:`_xla_spd_solve`): jaxlib runs its CPU Cholesky and
+  triangular solves through LAPACK calls whose OpenBLAS threads spin-wait
+  when the cores are shared, which made a ``paper_mlp`` step of
+  :func:`sibp_jax.sibp` 1.51× Adam's time by default against 1.30× with
+  ``OPENBLAS_NUM_THREADS=1`` (``examples/benchmark.py --section step``).
+  Accelerators keep their native solvers.
+  """
+  if a.shape[0] > _XLA_SOLVE_MAX:
+    return _lapack_spd_solve(a, b)
+  return jax.lax.platform_dependent(a, b, cpu=_xla_spd_solve,
+                                    default=_lapack_spd_solve)
+
+
+def ratio(num, den):
   """``num / den`` with ``0 / 0 = 0`` (a subproblem already at its optimum)."""
   safe = jnp.where(den > 0, den, 1.0)
   return jnp.where(den > 0, num / safe, jnp.where(num > 0, jnp.inf, 0.0))
@@ -143,6 +231,52 @@ jax.tree_util.register_dataclass(
     meta_fields=['kind', 'kernel_shape', 'bias_shape'])
 
 
+class RidgeSolver(Protocol):
+  r"""What a solver of the linear subproblems provides: a ``solve`` method.
+
+  ``solve(problem)`` receives a :class:`RidgeProblem`, the change
+  ``Δ = (ΔW, Δb)`` of one layer's parameters to find,
+
+  .. math::
+
+     \min_Δ \|A(Δ) - R\|^2 + λ_W\|ΔW\|^2 + λ_b\|Δb\|^2
+     \;⇔\; (AᵀA + Λ)Δ = AᵀR ,
+
+  with ``problem.apply`` (``A``), ``problem.transpose`` (``Aᵀ``),
+  ``problem.scale`` (``Λ``), ``problem.residual`` (``R``) and, for an
+  explicit design matrix, ``problem.kind.design(problem.inputs, window)``.
+  It returns ``((ΔW, Δb), info)``: the change (not the new parameters, so
+  that a step tiny next to the weights loses nothing to cancellation),
+  shaped ``problem.kernel_shape`` and ``problem.bias_shape``, with ``None``
+  for a block whose shape is ``None`` (held fixed), in the residual's dtype;
+  and a :class:`SolveInfo`. It runs under ``jit`` and ``vmap`` (static loop
+  bounds, no Python branching on values), and reports rather than raises.
+  Any object with such a method can be passed as ``solver=`` to
+  :func:`sibp_jax.sibp` (linearized), :func:`sibp_jax.proxbp` and as
+  ``last_layer_solver=``; a frozen dataclass keeps it hashable.
+
+  Example:
+    A solver that takes one gradient step of the subproblem from ``Δ = 0``
+    (for ProxBP: plain backprop, docs/algorithms.md section 4):
+
+    >>> import dataclasses, jax, jax.numpy as jnp, sibp_jax
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class OneGradientStep:
+    ...   step: float = 1e-3
+    ...   def solve(self, problem):
+    ...     rhs = problem.transpose(problem.residual)  # AᵀR: descent at Δ = 0
+    ...     delta = jax.tree.map(lambda g: self.step * g, rhs)
+    ...     info = sibp_jax.SolveInfo(jnp.ones((), jnp.int32),
+    ...                               jnp.ones((), jnp.float32))
+    ...     return delta, info
+    >>> tx = sibp_jax.proxbp(1.0, solver=OneGradientStep())
+  """
+
+  def solve(self, problem: RidgeProblem) -> tuple[
+      tuple[jax.Array | None, jax.Array | None], SolveInfo]:
+    ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Ridge:
   """Exact ridge solve from the layer's explicit design matrix.
@@ -206,18 +340,49 @@ class Ridge:
       raise ValueError('Ridge(max_factor=...) must be a positive int or None, '
                        f'got {self.max_factor!r}')
 
+  def path(self, p: RidgeProblem) -> str:
+    """Which solve :meth:`solve` takes for this problem, from static shapes.
+
+    Args:
+      p: the problem; only its shapes, and the sharding in its residual's
+        type, are read (abstract values such as ``jax.ShapeDtypeStruct``
+        serve too).
+
+    Returns:
+      ``'cholesky'`` (the ``m × m`` factor of ``FᵀF + Λ``), ``'woodbury'``
+      (the ``n × n`` factor of ``I + FΛ⁻¹Fᵀ``) or ``'fallback'`` (the
+      iterative ``fallback``, reported in :attr:`SolveInfo.fallback`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, sibp_jax
+      >>> p = sibp_jax.RidgeProblem(
+      ...     sibp_jax.Dense(), jax.ShapeDtypeStruct((100, 784), jnp.float32),
+      ...     jax.ShapeDtypeStruct((100, 500), jnp.float32), (784, 500),
+      ...     (500,), 1.0, 1.0)
+      >>> sibp_jax.Ridge().path(p), sibp_jax.Ridge(max_factor=64).path(p)
+      ('woodbury', 'fallback')
+    """
+    rows = int(np.prod(p.residual.shape[:-1]))
+    columns = (int(np.prod(p.kernel_shape[:-1]))
+               if p.kernel_shape is not None else 0) + int(
+                   p.bias_shape is not None)
+    # A batch sharded over devices leaves only the m × m factor (see above).
+    sharded = sharding.rows_sharded(p.residual)
+    side = columns if sharded else min(rows, columns)
+    if self.method == 'auto':
+      if self.max_factor is not None and side > self.max_factor:
+        return 'fallback'
+      return 'cholesky' if columns <= rows or sharded else 'woodbury'
+    return self.method
+
   def solve(self, p: RidgeProblem):
     """Returns ``((ΔW, Δb), SolveInfo)``; fixed blocks are ``None``."""
     fit_kernel, fit_bias = p.kernel_shape is not None, p.bias_shape is not None
     r = p.kind.output_rows(p.residual)
-    columns = (int(np.prod(p.kernel_shape[:-1])) if fit_kernel else 0) + int(
-        fit_bias)
-    # A batch sharded over devices leaves only the m × m factor (see above).
-    sharded = sharding.rows_sharded(r)
-    side = columns if sharded else min(r.shape[0], columns)
-    if (self.method == 'auto' and self.max_factor is not None and
-        side > self.max_factor):
-      return (self.fallback or ConjugateGradient(10)).solve(p)
+    path = self.path(p)
+    if path == 'fallback':
+      delta, info = (self.fallback or ConjugateGradient(10)).solve(p)
+      return delta, info._replace(fallback=jnp.ones((), bool))
     blocks = []
     if fit_kernel:
       blocks.append(p.kind.design(p.inputs, tuple(p.kernel_shape[:-2])))
@@ -226,8 +391,7 @@ class Ridge:
     f = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     n, m = f.shape
     n_kernel = m - 1 if fit_bias else m
-    use_cholesky = (self.method == 'cholesky' or
-                    (self.method == 'auto' and (m <= n or sharded)))
+    use_cholesky = path == 'cholesky'
     # A proximal weight below float32's resolution of the factor's diagonal
     # (mean diagonal of FᵀF or FFᵀ) cannot be told from zero, and with
     # duplicated or all-zero rows the factor is then singular: floor λ
@@ -266,13 +430,14 @@ class Ridge:
     if fit_bias:
       db = x[n_kernel:].reshape(p.bias_shape)
     info = SolveInfo(jnp.zeros((), jnp.int32),
-                     _ratio(jnp.linalg.norm(miss), jnp.linalg.norm(rhs_probe)))
+                     ratio(jnp.linalg.norm(miss), jnp.linalg.norm(rhs_probe)),
+                     jnp.zeros((), bool))
     return (dk, db), info
 
 
 @dataclasses.dataclass(frozen=True)
 class ConjugateGradient:
-  """A fixed number of conjugate-gradient steps, matrix-free.
+  r"""At most ``iterations`` conjugate-gradient steps, matrix-free.
 
   Runs CG on ``(AᵀA + Λ) Δ = AᵀR`` from ``Δ = 0``, i.e. warm-started at the
   old parameters (ProxBP's "prox_cgN"), applying ``A`` and ``Aᵀ`` through the
@@ -280,75 +445,174 @@ class ConjugateGradient:
   many steps as unknowns it reaches the exact solution in exact arithmetic;
   a few steps already capture the dominant directions.
 
+  The defaults are the ProxBP authors' ``prox_cgN``. For a dense layer the
+  normal equations split into one independent system per output unit (a
+  column of ``[W; b]``), and their "matrix version" runs one CG per column
+  in parallel, each with its own step and conjugation weights:
+
+  .. math::
+
+     α_j = \frac{‖r_j‖²}{p_jᵀ M p_j + ε},\qquad
+     β_j = \frac{‖r_j^{new}‖²}{‖r_j‖² + ε},
+
+  stopping early once ``max_j ‖r_j‖² < tol² · mean_j ‖r_j^{(0)}‖²`` (checked
+  after each step but the last). A convolution's kernel mixes its output
+  channels' systems in no way either, but the authors run one CG over the
+  whole layer there (``blocks='layer'``), as does this solver by default.
+  Their code starts the first direction on the residual's storage, so its
+  in-place residual update also rewrites the direction in the first step
+  and the second direction is ``(1 + β) r`` instead of a conjugate one; this
+  solver takes the direction as a copy, as CG intends.
+
   Attributes:
-    iterations: number of CG steps (static, ≥ 1).
+    iterations: the most CG steps (static, ≥ 1).
+    blocks: ``'auto'`` (default: per output unit for :class:`sibp_jax.Dense`,
+      one for the whole layer otherwise, as the authors), ``'columns'`` or
+      ``'layer'`` (static).
+    eps: ``ε``, added to both denominators (default ``1e-6``, the
+      authors'; 0 for textbook CG). It is absolute, in the units of
+      ``pᵀ(AᵀA + Λ)p`` and ``‖r‖²``, i.e. of the data term summed over the
+      batch.
+    tol: relative tolerance of the early exit (default ``1e-2``, the
+      authors'; 0 to always run ``iterations`` steps).
+
+  Example:
+    >>> import optax, sibp_jax
+    >>> tx = sibp_jax.proxbp(1.0, solver=sibp_jax.ConjugateGradient(3))
   """
 
   iterations: int = 3
+  blocks: str = 'auto'
+  eps: float = 1e-6
+  tol: float = 1e-2
 
   def __post_init__(self):
     if not isinstance(self.iterations, int) or self.iterations < 1:
       raise ValueError('ConjugateGradient(iterations=...) must be an int '
                        f'≥ 1, got {self.iterations!r}')
+    if self.blocks not in ('auto', 'columns', 'layer'):
+      raise ValueError("ConjugateGradient(blocks=...) must be 'auto', "
+                       f"'columns' or 'layer', got {self.blocks!r}")
+    for name in ('eps', 'tol'):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and 0 <= v < float('inf')):
+        raise ValueError(f'ConjugateGradient({name}=...) must be a finite '
+                         f'number ≥ 0, got {v!r}')
+
+  def columnwise(self, kind) -> bool:
+    """Whether this solver runs one CG per output unit for a layer kind."""
+    if self.blocks == 'auto':
+      return isinstance(kind, problems_lib.Dense)
+    return self.blocks == 'columns'
 
   def solve(self, p: RidgeProblem):
     """Returns ``((ΔW, Δb), SolveInfo)``; fixed blocks are ``None``."""
     def normal(d):
       return jax.tree.map(jnp.add, p.transpose(p.apply(d)), p.scale(d))
 
+    if self.columnwise(p.kind):
+      # Every leaf ends in the output axis: sum over the others.
+      def dot(a, b):
+        return sum(jnp.sum(x * y, axis=tuple(range(x.ndim - 1)))
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                   strict=True))
+    else:
+      dot = _tree_vdot
+
+    def axpy(coef, a, b):  # coef * a + b, coef per column or scalar
+      return jax.tree.map(lambda x, y: coef * x + y, a, b)
+
     rhs = p.transpose(p.residual)
     x = jax.tree.map(jnp.zeros_like, rhs)
-    r = rhs
-    rr = _tree_vdot(r, r)
+    rr0 = dot(rhs, rhs)
+    dtype = rr0.dtype
+    eps = jnp.asarray(self.eps, dtype)
+    # The authors' early exit, relative to the mean initial residual. (A zero
+    # right-hand side never passes the strict test, and stays at Δ = 0.)
+    threshold = jnp.asarray(self.tol, dtype) ** 2 * jnp.mean(rr0)
 
-    def step(_, carry):
-      x, r, d, rr = carry
+    def step(carry):
+      k, x, r, d, rr, _ = carry
       nd = normal(d)
-      curvature = _tree_vdot(d, nd)
-      # Once the residual has vanished the curvature does too: stop moving
-      # instead of dividing zero by zero.
+      curvature = dot(d, nd) + eps
+      # With ε = 0 a vanished residual makes 0 / 0: stay put there.
       alpha = jnp.where(curvature > 0, rr / jnp.where(curvature > 0,
                                                       curvature, 1.0), 0.0)
-      x = jax.tree.map(lambda a, b: a + alpha * b, x, d)
-      r = jax.tree.map(lambda a, b: a - alpha * b, r, nd)
-      rr_new = _tree_vdot(r, r)
-      beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
-      d = jax.tree.map(lambda a, b: a + beta * b, r, d)
-      return x, r, d, rr_new
+      x = axpy(alpha, d, x)
+      r = axpy(-alpha, nd, r)
+      rr_new = dot(r, r)
+      done = jnp.max(rr_new) < threshold
+      den = rr + eps
+      beta = jnp.where(den > 0, rr_new / jnp.where(den > 0, den, 1.0), 0.0)
+      d = axpy(beta, d, r)
+      return k + 1, x, r, d, rr_new, done
 
-    x, r, _, rr_end = jax.lax.fori_loop(
-        0, self.iterations, step, (x, r, r, rr),
-        unroll=problems_lib.unroll_loops(p.kind))
-    info = SolveInfo(jnp.asarray(self.iterations, jnp.int32),
-                     _ratio(jnp.sqrt(rr_end), jnp.sqrt(rr)))
+    carry = (jnp.zeros((), jnp.int32), x, rhs, rhs, rr0,
+             jnp.zeros((), bool))
+    if problems_lib.unroll_loops(p.kind):
+      # XLA:CPU runs convolutions far slower inside a loop body (see
+      # unroll_loops): unroll, freezing the state once the exit fires
+      # (tol = 0 never exits: no freezing to compile).
+      for _ in range(self.iterations):
+        new = step(carry)
+        carry = new if self.tol == 0 else jax.tree.map(
+            lambda a, b, done=carry[-1]: jnp.where(done, a, b), carry, new)
+    else:
+      carry = jax.lax.while_loop(
+          lambda c: (c[0] < self.iterations) & ~c[-1], step, carry)
+    k, x, _, _, rr, _ = carry
+    info = SolveInfo(k, ratio(jnp.sqrt(jnp.sum(rr)),
+                              jnp.sqrt(jnp.sum(rr0))), jnp.zeros((), bool))
     return x, info
 
 
 @dataclasses.dataclass(frozen=True)
 class NonlinearCG:
-  """Fletcher–Reeves nonlinear conjugate gradient with Armijo backtracking.
+  r"""Fletcher–Reeves nonlinear conjugate gradient with Armijo backtracking.
 
-  Minimizes a smooth objective ``φ`` from a warm start ``x₀`` in a fixed
-  number of iterations. Each iteration takes the direction
-  ``d = -∇φ + β d_prev`` with ``β = ‖∇φ‖² / ‖∇φ_prev‖²`` (reset to ``-∇φ``
-  when it is not a descent direction), a first trial step ``α₀`` chosen so
-  that the predicted decrease ``-α₀ ∇φ·d`` is ``initial_decrease`` times
-  ``|φ(x)|`` (the rule presumes a least-squares objective, ``φ ≥ 0``), and
-  accepts the first ``α = α₀ ρʲ``, ``j = 0, 1, …, max_shrinks`` with
-  ``φ(x + α d) ≤ φ(x) + σ α ∇φ·d``. If none is accepted the point is kept,
-  so the objective never increases.
+  Minimizes a smooth objective ``φ ≥ 0`` (a least-squares fit plus a
+  proximal term) from a warm start ``x₀`` in a fixed number of iterations.
+  Each iteration takes the direction ``d = -∇φ + β d_prev`` with
+  ``β = ‖∇φ‖² / ‖∇φ_prev‖²`` and backtracks over powers of ``ρ``: it accepts
+  the first ``α = ρ^m``, ``m = m₀, m₀ + 1, …`` with
 
-  These are the SIBP authors' settings. Their code starts the backtracking at
-  ``j = 1``, skipping an acceptable full step ``α₀``; this solver tries
-  ``j = 0`` first, as the rule intends.
+  .. math::
+
+     φ(x + α d) < φ(x) + σ α ∇φ·d ,\qquad
+     m₀ = \max\Big(\Big\lfloor \frac{\log(c\, φ(x) / (σ |∇φ·d|))}
+                              {\log ρ} \Big\rfloor, 0\Big),
+
+  i.e. the first trial ``α₀ = ρ^{m₀}`` is the largest power of ``ρ``, at
+  most 1, whose sufficient-decrease term ``σ α₀ |∇φ·d|`` is at least
+  ``c = initial_decrease`` times ``φ(x)`` (its predicted decrease
+  ``α₀ |∇φ·d|`` is then about ``c/σ = 10%`` of ``φ``). If no trial is
+  accepted the point is kept, so the objective never increases.
+
+  These are the SIBP authors' settings and rule for the hidden layers (their
+  ``FR3``; docs/algorithms.md section 1), with their code's two slips in it
+  fixed as the rule intends: a trial accepted at ``m = 0`` is taken (their
+  code only moves for ``m > 0``), and the trials run ``m₀, m₀ + 1, …`` in
+  order (their code first evaluates ``α = 1`` and, depending on it, takes
+  ``ρ^{m₀}`` unchecked or skips ``m₀``). Their last layer (``FR4``) runs the
+  same iteration with ``m₀ = 0``; :func:`sibp_jax.sibp` solves that linear
+  layer exactly instead (``last_layer_solver``).
+
+  Two deviations, both documented choices: when ``d`` is not a descent
+  direction (``∇φ·d ≥ 0``, possible for Fletcher–Reeves with an inexact
+  line search) this restarts from ``d = -∇φ`` where the authors' code would
+  search along an ascent direction; and at most ``max_shrinks`` shrinks
+  follow the first trial, where the authors bound the exponent itself
+  (``m < 50``). The two bounds differ only when more than ``50 - m₀`` trials
+  in a row fail, i.e. for steps below ``ρ^50 ≈ 8e-12``.
 
   Attributes:
     iterations: outer iterations ``K`` (static, ≥ 1; default 5).
     shrink: backtracking factor ``ρ`` in (0, 1) (default 0.6).
     sufficient_decrease: Armijo constant ``σ`` in (0, 1) (default 0.1).
-    max_shrinks: most backtracking steps per iteration (static; default 50).
-    initial_decrease: the first trial step's predicted decrease as a fraction
-      of the objective (default 0.01).
+    max_shrinks: most backtracking steps after the first trial (static;
+      default 50).
+    initial_decrease: ``c`` above, the first trial's sufficient-decrease
+      term as a fraction of the objective (default 0.01, the authors').
     space: where the SIBP paper variant runs a hidden layer's kernel fit
       (static): ``'auto'`` (default) takes row space
       (:meth:`minimize_in_row_space`) when the layer has fewer rows than
@@ -358,6 +622,15 @@ class NonlinearCG:
       (GSPMD) sharding of the batch, whose traced types do not show it,
       pass ``'parameters'`` (as ``Ridge('cholesky')`` for the exact
       solves).
+
+  Example:
+    >>> import jax.numpy as jnp, sibp_jax
+    >>> objective = lambda x: jnp.sum((x - 3.0) ** 2)
+    >>> x, info = sibp_jax.NonlinearCG().minimize(objective, jnp.zeros(4))
+    >>> bool(objective(x) < objective(jnp.zeros(4)))
+    True
+    >>> int(info.iterations)  # evaluations: start, trials, end points
+    11
   """
 
   iterations: int = 5
@@ -482,10 +755,16 @@ class NonlinearCG:
       descent = slope < 0
       d = jnp.where(descent, d, -g)
       slope = jnp.where(descent, slope, -gg)
-      # slope == 0 only at a stationary point (or with f == 0 at its
-      # minimum): then α₀ = 0 and the point stays.
-      alpha0 = jnp.where(slope < 0, self.initial_decrease * jnp.abs(f) /
-                         jnp.where(slope < 0, -slope, 1.0), 0.0)
+      # The first trial ρ^m₀ (see the class docstring). slope == 0 only at
+      # a stationary point: then α₀ = 0 and the point stays; ratio == 0
+      # (φ = 0, a least-squares fit at its minimum) would make m₀ infinite.
+      fraction = self.initial_decrease * jnp.abs(f) / (
+          self.sufficient_decrease * jnp.where(slope < 0, -slope, 1.0))
+      m0 = jnp.floor(jnp.log(jnp.where(fraction > 0, fraction, 1.0)) /
+                     jnp.log(jnp.asarray(self.shrink, dtype)))
+      m0 = jnp.where(fraction > 0, jnp.maximum(m0, 0.0), 0.0)
+      alpha0 = jnp.where((slope < 0) & (fraction > 0),
+                         jnp.asarray(self.shrink, dtype) ** m0, 0.0)
       yd = linear(d)
 
       def untried(c):
@@ -496,7 +775,7 @@ class NonlinearCG:
         j, _, _ = c
         alpha = alpha0 * jnp.asarray(self.shrink, dtype) ** j
         f_trial = outer(y + alpha * yd, x + alpha * d)
-        ok = f_trial <= f + self.sufficient_decrease * alpha * slope
+        ok = f_trial < f + self.sufficient_decrease * alpha * slope
         return j + 1, ok & jnp.isfinite(f_trial), alpha
 
       j, accepted, alpha = jax.lax.while_loop(
@@ -519,6 +798,7 @@ class NonlinearCG:
         (x0, y0, f0, g0, mg0, gg0, -g0, jnp.ones((), jnp.int32)),
         unroll=unroll)
     # ‖g‖_M is the norm of the parameter-space gradient in both uses.
-    info = SolveInfo(evals, _ratio(jnp.sqrt(jnp.maximum(gg, 0)),
-                                   jnp.sqrt(jnp.maximum(gg0, 0))))
+    info = SolveInfo(evals, ratio(jnp.sqrt(jnp.maximum(gg, 0)),
+                                  jnp.sqrt(jnp.maximum(gg0, 0))),
+                     jnp.zeros((), bool))
     return x, y, info

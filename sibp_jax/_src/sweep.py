@@ -65,7 +65,9 @@ class LayerUpdate(NamedTuple):
 
 def _sum_info(*infos):
   return solvers.SolveInfo(sum(i.iterations for i in infos),
-                           jnp.max(jnp.stack([i.residual for i in infos])))
+                           jnp.max(jnp.stack([i.residual for i in infos])),
+                           jnp.any(jnp.stack([jnp.asarray(i.fallback)
+                                              for i in infos])))
 
 
 def _ridge_update(solver, layer, kernel, bias, residual, lam_kernel,

@@ -10,7 +10,15 @@ direction ``X_old - X_new`` (divided by the learning rate for SIBP, so that
 recognised layer owns get the incoming gradient unchanged.
 
 A step whose direction is not finite (NaN or Inf in the batch, the loss or a
-solve) returns zeros and sets ``state.info.finite`` to ``False``.
+solve) returns zeros, sets ``state.info.finite`` to ``False`` and leaves
+``state.count`` (and so a schedule on the step size) where it was, as
+``optax.apply_if_finite`` leaves its inner state.
+
+The direction of a recognised layer comes from ``problems``, not from the
+incoming updates: a transformation chained BEFORE these ones does not act on
+those parameters. ``state.info.grad_mismatch`` compares the incoming
+gradient of the last layer's kernel with the one ``problems`` imply, which
+shows such a chain, or problems from another batch.
 """
 
 from __future__ import annotations
@@ -30,36 +38,50 @@ from sibp_jax._src import sweep
 VARIANTS = ('linearized', 'paper')
 
 
-class SIBPInfo(NamedTuple):
-  """Diagnostics of the last step, returned rather than raised.
+class LayerwiseInfo(NamedTuple):
+  """Diagnostics of the last step of SIBP or ProxBP, returned, not raised.
 
   Attributes:
     finite: ``False`` if the step was skipped because something was not
-      finite (the returned direction is then zero).
+      finite (the returned direction is then zero and ``count`` stays).
     residual: the largest relative residual over the layers' subproblems
       (:attr:`sibp_jax.SolveInfo.residual`): round-off for exact solves,
       progress for iterative ones.
     iterations: inner iterations summed over layers (CG steps, or objective
       evaluations of the nonlinear solver).
+    grad_mismatch: ``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, with
+      ``g`` the incoming update and ``ĝ = f_{L-1}ᵀ e / B`` the mean loss's
+      gradient that ``problems`` imply (one product, the one the backward
+      pass already computed). Round-off (about 1e-6 in float32) when the
+      gradient and the problems come from the same forward pass; of order 1
+      when a transformation before this one changed the gradient (clipping,
+      scaling) or the problems come from another batch: the step still uses
+      ``problems`` alone. Also nonzero when the loss holds more than the
+      per-example term (a weight penalty on that kernel).
   """
 
   finite: jax.Array
   residual: jax.Array
   iterations: jax.Array
+  grad_mismatch: jax.Array
+
+
+# The name of earlier versions, for SIBP's state.
+SIBPInfo = LayerwiseInfo
 
 
 class ScaleBySIBPState(NamedTuple):
   """State of :func:`scale_by_sibp`."""
 
   count: jax.Array
-  info: SIBPInfo
+  info: LayerwiseInfo
 
 
 class ScaleByProxBPState(NamedTuple):
   """State of :func:`scale_by_proxbp`."""
 
   count: jax.Array
-  info: SIBPInfo
+  info: LayerwiseInfo
 
 
 class SkipOnBadStepState(NamedTuple):
@@ -69,9 +91,9 @@ class SkipOnBadStepState(NamedTuple):
   outer: Any
 
 
-def _empty_info() -> SIBPInfo:
-  return SIBPInfo(jnp.ones((), bool), jnp.zeros((), jnp.float32),
-                  jnp.zeros((), jnp.int32))
+def _empty_info() -> LayerwiseInfo:
+  return LayerwiseInfo(jnp.ones((), bool), jnp.zeros((), jnp.float32),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
 
 def check_positive(name: str, value) -> None:
@@ -88,15 +110,22 @@ def check_positive(name: str, value) -> None:
 
 
 def ridge_solver(solver) -> Any:
-  """``'exact'``, ``'cg'`` or a solver object to a solver object."""
-  if solver == 'exact':
-    return solvers.Ridge()
-  if solver == 'cg':
-    return solvers.ConjugateGradient()
-  if isinstance(solver, (solvers.Ridge, solvers.ConjugateGradient)):
+  """``'exact'``, ``'cg'`` or a solver object to a solver object.
+
+  Any object with a ``solve`` method serves (the
+  :class:`sibp_jax.RidgeSolver` protocol), a user's own included.
+  """
+  if isinstance(solver, str):
+    if solver == 'exact':
+      return solvers.Ridge()
+    if solver == 'cg':
+      return solvers.ConjugateGradient()
+  elif callable(getattr(solver, 'solve', None)):
     return solver
-  raise ValueError("solver must be 'exact', 'cg', sibp_jax.Ridge(...) or "
-                   f'sibp_jax.ConjugateGradient(...), got {solver!r}')
+  raise ValueError("solver must be 'exact', 'cg' or an object with a "
+                   'solve(problem) method (sibp_jax.Ridge(...), '
+                   'sibp_jax.ConjugateGradient(...) or your own, see '
+                   f'sibp_jax.RidgeSolver), got {solver!r}')
 
 
 def _missing_problems(name):
@@ -105,7 +134,25 @@ def _missing_problems(name):
       'problems of the forward pass that produced the gradients. Build both '
       'with sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=...) or '
       'sibp_jax.linen.value_grad_and_problems(module, params, x, y, '
-      'loss_fn=...) and call update(grads, state, params, problems=problems).')
+      'loss_fn=...) and call update(grads, state, params, problems=problems). '
+      'If you did pass problems= to apply_gradients of '
+      'flax.training.train_state.TrainState: that class hands extra keyword '
+      'arguments to .replace(), not to the optimizer; use '
+      'sibp_jax.linen.TrainState, whose apply_gradients(grads=..., '
+      'problems=...) passes them on.')
+
+
+def _param_path(key_path):
+  """A parameter's path, without the ``.value`` of a variable that holds it.
+
+  An ``nnx.State`` of ``nnx.Variable``s flattens to paths ending in the
+  attribute ``value``; a pure tree (``nnx.as_pure``) does not. Both name the
+  parameter as ``problems`` do.
+  """
+  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and (
+      key_path[-1].name == 'value'):
+    key_path = key_path[:-1]
+  return tuple(problems_lib.key_name(k) for k in key_path)
 
 
 def _locate(name, problems, grads, params):
@@ -123,8 +170,7 @@ def _locate(name, problems, grads, params):
   if grad_def != treedef:
     raise ValueError(f'{name}.update: the gradient tree does not match the '
                      f'parameter tree:\n{grad_def}\nvs\n{treedef}')
-  index = {tuple(problems_lib.key_name(k) for k in path): i
-           for i, (path, _) in enumerate(flat)}
+  index = {_param_path(path): i for i, (path, _) in enumerate(flat)}
   leaves = [leaf for _, leaf in flat]
   batch = problems.batch_size
   located = []
@@ -151,7 +197,30 @@ def _locate(name, problems, grads, params):
                      None if b is None else leaves[b].shape,
                      layer.inputs, layer.outputs)
     located.append((k, b))
+  last = problems.layers[-1]
+  if problems.output_error.shape != last.outputs.shape:
+    raise ValueError(
+        f'{name}.update: the output error has shape '
+        f'{problems.output_error.shape} but the last layer ({last.name}) '
+        f'outputs {last.outputs.shape}; were the problems built from another '
+        'batch or model?')
   return leaves, grad_leaves, treedef, located
+
+
+def _grad_mismatch(problems, grad, kernel):
+  """``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, ``ĝ = Aᵀ(e) / B``."""
+  layer = problems.layers[-1]
+  dtype = kernel.dtype
+  inputs = layer.inputs.astype(dtype)
+  error = problems.output_error.astype(dtype) / problems.batch_size
+  # ĝ is the transpose of the layer's map applied to e / B: f_{L-1}ᵀ e / B
+  # for a dense layer, one product.
+  implied = jax.linear_transpose(
+      lambda k: layer.kind.apply(k, None, inputs), kernel)(error)[0]
+  diff = grad.astype(dtype) - implied
+  return solvers.ratio(jnp.sqrt(jnp.sum(jnp.square(diff))),
+                       jnp.sqrt(jnp.sum(jnp.square(implied)))).astype(
+                           jnp.float32)
 
 
 def _layerwise(name, make_rule, scale_of):
@@ -184,11 +253,15 @@ def _layerwise(name, make_rule, scale_of):
         out[b] = (-upd.bias / scale).astype(leaves[b].dtype)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out]))
     out = [jnp.where(finite, x, jnp.zeros_like(x)) for x in out]
-    info = SIBPInfo(
+    info = LayerwiseInfo(
         finite,
         jnp.max(jnp.stack([u.info.residual for u in new])).astype(jnp.float32),
-        sum(u.info.iterations for u in new).astype(jnp.int32))
-    new_state = type(state)(optax.safe_increment(state.count), info)
+        sum(u.info.iterations for u in new).astype(jnp.int32),
+        _grad_mismatch(problems, grad_leaves[located[-1][0]],
+                       compute[-1][0]))
+    # A skipped step leaves the count, and so a schedule, where it was.
+    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+    new_state = type(state)(count, info)
     return jax.tree.unflatten(treedef, out), new_state
 
   return update
@@ -230,13 +303,16 @@ def scale_by_sibp(
   batch-space Woodbury by shape, see :class:`sibp_jax.Ridge`).
   ``variant='paper'`` fits through the activation as the authors do: weights
   then bias, each by 5 iterations of Fletcher–Reeves nonlinear CG with Armijo
-  backtracking (:class:`sibp_jax.NonlinearCG`); the last layer, being linear,
-  is solved exactly. The linearized variant is the default because it lowers
-  the loss faster per epoch and per second: one epoch of Fashion-MNIST on
-  the paper's 784-500-10 network at batch 100 took the training loss from
-  2.378 to 0.338 in 1.7 s of updates (linearized) against 0.424 in 3.9 s
-  (paper), measured by ``python examples/benchmark.py --section epoch``
-  on 2 CPU cores (README, "Measurements").
+  backtracking over powers of ``ρ`` from the authors' first trial
+  (:class:`sibp_jax.NonlinearCG`, docs/algorithms.md section 1). The last
+  layer, being linear, is solved exactly by default, where the authors run
+  the same 5 iterations from a first trial ``α₀ = 1``. The linearized
+  variant is the default because it lowers the loss faster per epoch and
+  per second: one epoch of Fashion-MNIST on the paper's 784-500-10 network
+  at batch 100 took the training loss from 2.38 to 0.338 in 3.1 s of
+  updates (linearized) against 0.371 in 6.7 s (paper), measured by
+  ``OPENBLAS_NUM_THREADS=1 python examples/benchmark.py --section epoch``
+  on 2 shared CPU cores.
 
   The returned direction is ``(X_old - X_new) / η`` for every parameter of a
   recognised linear layer, so that scaling by ``-η`` gives the SIBP step; all
@@ -264,7 +340,7 @@ def scale_by_sibp(
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
     params, *, problems)`` needs ``params`` and the keyword ``problems``
     (other keyword arguments are ignored). The state is a
-    :class:`ScaleBySIBPState` with a :class:`SIBPInfo`.
+    :class:`ScaleBySIBPState` with a :class:`LayerwiseInfo`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sibp_jax
@@ -354,7 +430,7 @@ def scale_by_proxbp(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
     params, *, problems)`` needs ``params`` and the keyword ``problems``.
-    The state is a :class:`ScaleByProxBPState` with a :class:`SIBPInfo`.
+    The state is a :class:`ScaleByProxBPState` with a :class:`LayerwiseInfo`.
 
   Example:
     >>> import optax, sibp_jax
@@ -385,7 +461,7 @@ def skip_outer_on_bad_step(
 ) -> optax.GradientTransformationExtraArgs:
   """Chains ``inner`` then ``outer``, holding ``outer`` still on flagged steps.
 
-  ``inner`` must keep a :class:`SIBPInfo` in ``state.info``. When its
+  ``inner`` must keep a :class:`LayerwiseInfo` in ``state.info``. When its
   ``finite`` flag is ``False`` the update is zero and ``outer``'s state
   (momentum, moments, counters) is left as it was, so a bad batch moves no
   parameter even through momentum.

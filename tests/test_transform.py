@@ -1,0 +1,265 @@
+"""The transformations' contract beyond the suite every one passes.
+
+Directions without cancellation in float32, skipped steps that leave the
+count (and so schedules) alone, ``nnx.State``s of variables as parameters,
+the check of ``problems`` against the incoming gradient, the message for
+flax's own ``TrainState``, and solvers a user writes.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import sibp_jax
+
+from _models import MLP
+from _models import LinenMLP
+from _models import classification
+from _models import find_info
+from _models import pure
+from _models import step_inputs
+from _models import xent
+
+# --------------------------------------------------------------------------
+# Item: directions without cancellation.
+# --------------------------------------------------------------------------
+
+# Steps tiny next to the weights: ProxBP at τ_prox = 1e-6 moves each weight
+# by about 1e-6 of its gradient, SIBP at λ = 1e8 by about η/λ of it. Had the
+# direction been formed as X_old - X_new in float32 (eps 1.2e-7 of the
+# weights), it would be off by O(1); formed from the solvers' change it
+# keeps float32's relative accuracy of the solve itself.
+TINY_STEPS = {
+    'proxbp-exact': lambda: sibp_jax.scale_by_proxbp(1e-6),
+    'proxbp-cg': lambda: sibp_jax.scale_by_proxbp(
+        1e-6, solver=sibp_jax.ConjugateGradient(3)),
+    'proxbp-ridge-fallback': lambda: sibp_jax.scale_by_proxbp(
+        1e-6, solver=sibp_jax.Ridge(max_factor=2)),
+    'sibp-exact': lambda: sibp_jax.scale_by_sibp(
+        0.1, lambda_w=1e8, lambda_b=1e8),
+    'sibp-cg': lambda: sibp_jax.scale_by_sibp(
+        0.1, lambda_w=1e8, lambda_b=1e8,
+        solver=sibp_jax.ConjugateGradient(3)),
+    'sibp-ridge-fallback': lambda: sibp_jax.scale_by_sibp(
+        0.1, lambda_w=1e8, lambda_b=1e8, solver=sibp_jax.Ridge(max_factor=2)),
+    # The paper variant hands on its change too, but its line search decides
+    # on objective values ‖s(g + FΔ) - t‖² + λ‖Δ‖²: a change of g below
+    # float32's resolution of g itself (here FΔ ~ 1e-8 g) cannot be told
+    # apart, so its Armijo decisions are round-off. Not a cancellation in
+    # the direction; run such settings in float64 (or the linearized
+    # variant).
+    'sibp-paper': pytest.param(
+        lambda: sibp_jax.scale_by_sibp(0.1, variant='paper', lambda_w=1e8,
+                                       lambda_b=1e8),
+        marks=pytest.mark.xfail(strict=True, reason=(
+            'float32 objective values cannot resolve a step of 1e-8 of '
+            'the pre-activations'))),
+}
+
+
+def _to64(tree):
+  return jax.tree.map(
+      lambda a: a.astype(jnp.float64) if jnp.issubdtype(
+          a.dtype, jnp.floating) else a, tree)
+
+
+@pytest.mark.parametrize('make', list(TINY_STEPS.values()),
+                         ids=list(TINY_STEPS))
+def test_tiny_steps_keep_float32_accuracy(make):
+  model = MLP((6, 8, 5, 3), seed=1)
+  grads, params, problems = step_inputs(model, *classification(batch=16))
+  tx = make()
+  d32, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  with jax.enable_x64(True):
+    p64 = _to64(params)
+    d64, _ = tx.update(_to64(grads), tx.init(p64), p64,
+                       problems=_to64(problems))
+  chex.assert_trees_all_equal_dtypes(d32, grads)
+  for a, b in zip(jax.tree.leaves(d32), jax.tree.leaves(d64), strict=True):
+    b = np.asarray(b)
+    # 1e-3 relative, as the issue asks: float32 solves of systems this well
+    # conditioned (λ dominates FᵀF) are good to ~1e-6; cancellation would
+    # leave errors of order 1.
+    error = np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+    assert error < 1e-3, error
+
+
+# --------------------------------------------------------------------------
+# Item: skipped steps leave the count, and so schedules, alone.
+# --------------------------------------------------------------------------
+
+
+def _counts(state):
+  return [int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+      state)[0] if 'count' in jax.tree_util.keystr(path)]
+
+
+@pytest.mark.parametrize('make', [
+    lambda lr: sibp_jax.sibp(lr),
+    lambda lr: sibp_jax.sibp(lr, variant='paper'),
+    lambda lr: sibp_jax.proxbp(lr, tau_prox=0.05),
+], ids=['sibp', 'sibp-paper', 'proxbp'])
+def test_skipped_step_leaves_counts_and_schedules(make):
+  schedule = optax.linear_schedule(0.1, 0.01, 10)
+  model = MLP((6, 8, 3))
+  x, y = classification()
+  grads, params, problems = step_inputs(model, x, y)
+  tx = make(schedule)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, problems=problems)
+  counts = _counts(state)
+  assert counts and all(c == 1 for c in counts), counts
+  bad_grads, _, bad_problems = step_inputs(model, x.at[0, 0].set(jnp.nan), y)
+  updates, bad_state = tx.update(bad_grads, state, params,
+                                 problems=bad_problems)
+  assert not bool(bad_state[0].info.finite)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+  assert _counts(bad_state) == counts
+  # The step after the skipped one is the one that would have come without
+  # it: same step size from the schedule, same update.
+  after_skip, _ = tx.update(grads, bad_state, params, problems=problems)
+  straight, _ = tx.update(grads, state, params, problems=problems)
+  chex.assert_trees_all_close(after_skip, straight, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------
+# Item: nnx States of Variables, as well as pure trees.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('make', [
+    lambda: sibp_jax.sibp(0.1), lambda: sibp_jax.proxbp(1.0)],
+                         ids=['sibp', 'proxbp'])
+def test_update_accepts_nnx_state_of_variables(make):
+  model = MLP((6, 8, 3))
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, *classification(), loss_fn=xent)
+  params = nnx.state(model, nnx.Param)
+  tx = make()
+  with_vars, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  assert isinstance(with_vars, nnx.State)
+  plain, _ = tx.update(pure(grads), tx.init(pure(params)), pure(params),
+                       problems=problems)
+  chex.assert_trees_all_equal(pure(with_vars), plain)
+  assert float(jnp.abs(plain['layers'][0]['kernel']).max()) > 0
+
+
+# --------------------------------------------------------------------------
+# Item: problems checked against the incoming gradient.
+# --------------------------------------------------------------------------
+
+
+def _mismatch(tx, grads, params, problems):
+  _, state = tx.update(grads, tx.init(params), params, problems=problems)
+  return float(find_info(state).grad_mismatch)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: sibp_jax.scale_by_sibp(0.1), lambda: sibp_jax.scale_by_proxbp()],
+                         ids=['sibp', 'proxbp'])
+def test_grad_mismatch_reports_stale_problems_and_prior_transforms(make):
+  model = MLP((6, 8, 3))
+  x, y = classification(batch=96)
+  grads, params, problems = step_inputs(model, x, y)
+  chained = lambda first: optax.chain(first, make())
+  # Same forward pass: float32 round-off of one product (~1e-7 relative).
+  same = _mismatch(chained(optax.identity()), grads, params, problems)
+  assert same < 1e-5, same
+  # A transformation before it changes the gradient but not the step.
+  clip = chained(optax.clip_by_global_norm(1e-8))
+  assert _mismatch(clip, grads, params, problems) > 0.5
+  # Problems of another batch, also of another size, are reported.
+  for batch, seed in ((96, 1), (32, 2)):
+    _, _, other = step_inputs(model, *classification(batch=batch, seed=seed))
+    assert _mismatch(chained(optax.identity()), grads, params, other) > 0.05
+
+
+def test_problems_that_disagree_in_shape_raise():
+  model = MLP((6, 8, 3))
+  grads, params, problems = step_inputs(model, *classification(batch=32))
+  _, _, small = step_inputs(model, *classification(batch=8))
+  broken = dataclasses.replace(problems, output_error=small.output_error)
+  tx = sibp_jax.sibp(0.1)
+  with pytest.raises(ValueError, match='batch|shape'):
+    jax.jit(tx.update)(grads, tx.init(params), params, problems=broken)
+
+
+def test_flax_train_state_is_named_in_the_missing_problems_message():
+  module = LinenMLP((6, 8, 3))
+  x, y = classification()
+  params = module.init(jax.random.key(0), x)['params']
+  state = train_state.TrainState.create(apply_fn=module.apply, params=params,
+                                        tx=sibp_jax.sibp(0.1))
+  loss, grads, problems = sibp_jax.linen.value_grad_and_problems(
+      module, params, x, y, loss_fn=xent)
+  del loss
+  with pytest.raises(ValueError, match='sibp_jax.linen.TrainState'):
+    state.apply_gradients(grads=grads, problems=problems)
+
+
+# --------------------------------------------------------------------------
+# Item: a solver interface users can plug into.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Delegate:
+  """A user's solver: any object with ``solve`` (here: Ridge underneath)."""
+
+  inner: object = sibp_jax.Ridge()
+
+  def solve(self, problem):
+    return self.inner.solve(problem)
+
+
+@pytest.mark.parametrize('make', [
+    lambda s: sibp_jax.scale_by_sibp(0.1, solver=s),
+    lambda s: sibp_jax.scale_by_sibp(0.1, variant='paper',
+                                     last_layer_solver=s),
+    lambda s: sibp_jax.scale_by_proxbp(0.05, solver=s)],
+                         ids=['sibp', 'sibp-paper-last', 'proxbp'])
+def test_user_solver_is_accepted_and_used(make):
+  model = MLP((6, 8, 3))
+  grads, params, problems = step_inputs(model, *classification())
+  ours, theirs = make(sibp_jax.Ridge()), make(Delegate())
+  a, _ = ours.update(grads, ours.init(params), params, problems=problems)
+  b, _ = theirs.update(grads, theirs.init(params), params, problems=problems)
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_ridge_says_its_path_and_reports_the_fallback():
+  rng = np.random.default_rng(0)
+  def problem(rows, cols):
+    return sibp_jax.RidgeProblem(
+        sibp_jax.Dense(), jnp.asarray(rng.normal(size=(rows, cols)),
+                                      jnp.float32),
+        jnp.asarray(rng.normal(size=(rows, 2)), jnp.float32), (cols, 2),
+        (2,), jnp.float32(1.0), jnp.float32(1.0))
+  tall, wide = problem(20, 4), problem(4, 20)
+  assert sibp_jax.Ridge().path(tall) == 'cholesky'
+  assert sibp_jax.Ridge().path(wide) == 'woodbury'
+  assert sibp_jax.Ridge('cholesky').path(wide) == 'cholesky'
+  small = sibp_jax.Ridge(max_factor=3)
+  assert small.path(tall) == small.path(wide) == 'fallback'
+  # Static shapes are enough.
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          tall)
+  assert sibp_jax.Ridge().path(abstract) == 'cholesky'
+  _, info = sibp_jax.Ridge().solve(tall)
+  assert not bool(info.fallback)
+  _, info = small.solve(tall)
+  assert bool(info.fallback) and int(info.iterations) > 0
+
+
+def test_solver_must_have_a_solve_method():
+  with pytest.raises(ValueError, match='solve'):
+    sibp_jax.proxbp(solver=object())
+  with pytest.raises(ValueError, match='solve'):
+    sibp_jax.sibp(0.1, solver='lu')
