@@ -18,6 +18,7 @@ def sibp(
     lambda_b: jax.typing.ArrayLike = 1.0,
     solver: Any = None,
     last_layer_solver: Any = None,
+    output_step: str = 'explicit',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Semi-implicit back propagation (Liu & Zhang, 2020) as an optimizer.
 
@@ -48,6 +49,8 @@ def sibp(
     lambda_b: ``λ_b`` (> 0; default 1).
     solver: see :func:`scale_by_sibp`.
     last_layer_solver: ``'paper'`` only, see :func:`scale_by_sibp`.
+    output_step: ``'explicit'`` (default) or ``'proximal'`` (implicit step
+      on the logits), see :func:`scale_by_sibp`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -79,7 +82,8 @@ def sibp(
       transform.scale_by_sibp(learning_rate, variant=variant,
                               lambda_w=lambda_w, lambda_b=lambda_b,
                               solver=solver,
-                              last_layer_solver=last_layer_solver),
+                              last_layer_solver=last_layer_solver,
+                              output_step=output_step),
       optax.scale_by_learning_rate(learning_rate))
 
 

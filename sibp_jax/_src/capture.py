@@ -161,7 +161,8 @@ def check_chain(segment: SegmentFn, data, x, g, records_in) -> None:
 
 
 def build_problems(records: list[Record], output_error, logits, *, runner,
-                   data, x, prefix: Path = (), check: bool = True):
+                   data, x, prefix: Path = (), check: bool = True,
+                   labels=None, loss_fn=None):
   """Turns the records of one forward pass into :class:`Problems`.
 
   Args:
@@ -173,6 +174,8 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
     x: the model input of the forward pass.
     prefix: path of the module's variables inside the user's parameter tree.
     check: verify that the layers form a chain (trace-time only).
+    labels, loss_fn: the batch's labels and per-example loss, kept for
+      steps that need the loss itself.
   """
   if not records:
     raise ValueError('the model applied no recognised linear layer '
@@ -195,7 +198,7 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
         kind=rec.kind, kernel_path=prefix + rec.path + ('kernel',),
         bias_path=prefix + rec.path + ('bias',) if rec.has_bias else None))
-  return problems_lib.Problems(tuple(layers), output_error)
+  return problems_lib.Problems(tuple(layers), output_error, labels, loss_fn)
 
 
 def check_batch(x, y, logits=None, losses=None) -> None:
@@ -268,4 +271,5 @@ class Forward:
     error = (None if logits is None else
              output_error(self.loss_fn, logits, self.y, loss))
     return build_problems(records, error, logits, runner=runner, data=data,
-                          x=self.x, prefix=prefix, check=check)
+                          x=self.x, prefix=prefix, check=check, labels=self.y,
+                          loss_fn=self.loss_fn)

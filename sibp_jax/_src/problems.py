@@ -235,10 +235,16 @@ class Problems:
     layers: the linear layers from input to output.
     output_error: ``e = ∂ℓ/∂z``, one row per example (not divided by the
       batch size): ``softmax(z) - onehot(y)`` for softmax cross-entropy.
+    labels: the batch's labels, for steps that need the loss itself (the
+      proximal output step); ``None`` if not recorded.
+    loss_fn: the per-example loss ``loss_fn(logits, labels)`` (static), or
+      ``None``.
   """
 
   layers: tuple[LayerProblem, ...]
   output_error: jax.Array
+  labels: Any = None
+  loss_fn: Callable[..., jax.Array] | None = None
 
   @property
   def batch_size(self) -> int:
@@ -251,7 +257,8 @@ jax.tree_util.register_dataclass(
     LayerProblem, data_fields=['inputs', 'outputs', 'segment'],
     meta_fields=['kind', 'kernel_path', 'bias_path'])
 jax.tree_util.register_dataclass(
-    Problems, data_fields=['layers', 'output_error'], meta_fields=[])
+    Problems, data_fields=['layers', 'output_error', 'labels'],
+    meta_fields=['loss_fn'])
 
 
 def key_name(key) -> PathKey:
