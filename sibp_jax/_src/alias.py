@@ -40,8 +40,14 @@ def sibp(
 
   Args:
     learning_rate: ``η``, the step on the neurons (> 0, a scalar or a
-      schedule). The paper's setting is 0.1; implicit steps stay stable at
-      much larger values than SGD's.
+      schedule). The paper's setting is 0.1. Its unit is the loss's: the
+      output target is ``t = z - η e`` with ``e = ∂ℓ/∂z`` the per-example
+      error (not divided by the batch size), so the logits move by
+      ``η‖e‖`` per step. For softmax cross-entropy ``‖e‖ < √2``; for a
+      summed squared error ``e = 2(z - y)`` and ``η ≥ 1/2`` overshoots
+      the labels. Scaling the loss by ``c`` scales the step as ``η c``.
+      With ``output_step='proximal'`` the output step is implicit and
+      does not overshoot at any ``η``.
     variant: ``'linearized'`` (default; exact ridge solves) or ``'paper'``
       (the authors' fit through the activation by nonlinear CG).
     lambda_w: ``λ_W`` (> 0; absolute, with the data term summed over the
