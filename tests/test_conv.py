@@ -152,7 +152,7 @@ class TinyConvNet(nnx.Module):
 
 
 def _np_sweep(model, x, y, rule, eta=0.1, lam=(1.0, 1.0), tau=0.05):
-  """SIBP.md sections 2 and 3 for TinyConvNet, written out in NumPy."""
+  """Sections 2 and 3 of docs/algorithms.md for TinyConvNet, in NumPy."""
   k = np.asarray(model.conv.kernel[...], np.float64)
   b = np.asarray(model.conv.bias[...], np.float64)
   w = np.asarray(model.dense.kernel[...], np.float64)

@@ -1,4 +1,4 @@
-"""Known limits (SIBP.md section 4) and stationary points."""
+"""Known limits (docs/algorithms.md section 4) and stationary points."""
 
 import jax
 import jax.numpy as jnp

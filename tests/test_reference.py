@@ -1,6 +1,6 @@
-"""One library step against a NumPy transcription of SIBP.md, written by hand.
+"""One library step against a NumPy transcription of docs/algorithms.md.
 
-Each algorithm of ``/work/shared/SIBP.md`` is transcribed below in float64
+Each algorithm of ``docs/algorithms.md`` is transcribed below in float64
 NumPy for a small ReLU MLP (2 or 3 linear layers, softmax cross-entropy with
 integer labels) without calling the library's solvers or sweep:
 
@@ -103,7 +103,7 @@ def _problem(batch, sizes, seed=0):
 
 
 # --------------------------------------------------------------------------
-# NumPy transcription of SIBP.md.
+# NumPy transcription of docs/algorithms.md.
 # --------------------------------------------------------------------------
 
 
@@ -145,7 +145,7 @@ def _with_ones(f):
 
 
 def sibp_linearized_step(params, x, y, eta, lam_w, lam_b):
-  """SIBP.md section 2: one step, returns the new ``[(W, b), ...]``."""
+  """docs/algorithms.md section 2: one step; the new ``[(W, b), ...]``."""
   fs, gs = _forward(params, x)
   n_layers = len(params)
   e = _output_error(gs[-1], y)  # error on the layer's output f_i (z on top)
@@ -238,7 +238,7 @@ def nonlinear_cg(fun, grad, x0, *, iterations=5, shrink=0.6,
 
 
 def sibp_paper_step(params, x, y, eta, lam_w, lam_b, **cg_settings):
-  """SIBP.md section 1: one step; returns the new params and CG evaluations.
+  """docs/algorithms.md section 1: one step; new params and CG evaluations.
 
   ``cg_settings`` go to :func:`nonlinear_cg` (the hidden layers' solver).
   """
@@ -295,7 +295,7 @@ def sibp_paper_step(params, x, y, eta, lam_w, lam_b, **cg_settings):
 
 
 def proxbp_direction(params, x, y, tau_prox):
-  """SIBP.md section 3: returns ``[(W_old - W_new, b_old - b_new), ...]``."""
+  """docs/algorithms.md section 3: ``[(W_old - W_new, b_old - b_new), ...]``."""
   fs, gs = _forward(params, x)
   n_layers = len(params)
   # δ = ∂J/∂g of the MEAN loss, backpropagated with the OLD weights.

@@ -82,7 +82,7 @@ def _ridge_update(solver, layer, kernel, bias, residual, lam_kernel,
 
 @dataclasses.dataclass(frozen=True)
 class LinearizedRule:
-  """SIBP with exact solves (SIBP.md section 2).
+  """SIBP with exact solves (docs/algorithms.md section 2).
 
   ``u - g = -η e_g``; ``X_new = X_old + (FᵀF + Λ)⁻¹ Fᵀ (u - g)`` with
   ``Λ = diag(λ_W, …, λ_W, λ_b)``; the error chains through the new weights.
@@ -103,7 +103,7 @@ class LinearizedRule:
 
 @dataclasses.dataclass(frozen=True)
 class ProxRule:
-  """ProxBP (SIBP.md section 3).
+  """ProxBP (docs/algorithms.md section 3).
 
   ``τ - g = -δ = -e_g / B`` (the mean loss's backprop gradient, computed with
   the old weights because the error chains through them), and
@@ -125,7 +125,7 @@ class ProxRule:
 
 @dataclasses.dataclass(frozen=True)
 class PaperRule:
-  """SIBP as its authors run it (SIBP.md section 1).
+  """SIBP as its authors run it (docs/algorithms.md section 1).
 
   The target on the layer's activation is ``t = f_i - η e_f``. Weights are
   solved first with the bias held at its old value, then the bias with the
