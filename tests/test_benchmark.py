@@ -77,12 +77,15 @@ def test_quick_benchmark_reports_every_section(tmp_path):
 
   rob = out['robustness']
   assert len(rob['learning_rates']) == 3
-  assert rob['learning_rates'][0] == 1e-3 and rob['learning_rates'][-1] == (
-      1e2)
+  assert rob['learning_rates'][0] == 1e-4 and rob['learning_rates'][-1] == (
+      1e4)
+  for row in [*rob['methods'].values(), *rob['lambda_at_eta_0.1'].values()]:
+    assert len(row['train_losses']) == len(row['test_accuracies']) == 3
+    assert 0 <= row['best_test_accuracy'] <= 1
+    assert row['accuracy_range'] >= 1 and row['loss_range'] >= 1
   for row in rob['methods'].values():
-    assert len(row['losses']) == 3
-    assert row['range'] >= 0 and _finite(row['range_ratio_to_sgd'])
-  assert rob['methods']['sgd']['range_ratio_to_sgd'] == 1.0
+    assert _finite(row['accuracy_range_ratio_to_sgd'])
+  assert rob['methods']['sgd']['loss_range_ratio_to_sgd'] == 1.0
 
 
 def test_learning_rates_from_the_reproduction_table(tmp_path):
@@ -101,6 +104,19 @@ def test_learning_rates_from_the_reproduction_table(tmp_path):
   # A method without a row is an error, not a silent default.
   with pytest.raises(ValueError, match='no row for sgd'):
     benchmark.best_learning_rates(['sgd'], None, None, str(table))
+
+
+def test_stable_ranges():
+  # Accuracy within 0.05 of the best and loss within 1.5× of the best, over
+  # consecutive values only; a NaN loss breaks the run.
+  values = [1e-2, 1e-1, 1.0, 10.0, 100.0]
+  np = __import__('numpy')
+  got = benchmark.stable_ranges(
+      values, np.array([1.0, 0.5, 0.6, np.nan, 0.7]),
+      np.array([0.5, 0.80, 0.78, 0.1, 0.77]))
+  assert got['accuracy_stable'] == (0.1, 1.0)
+  assert got['loss_stable'] == (0.1, 1.0)
+  assert got['best_train_loss'] == 0.5 and got['train_losses'][3] is None
 
 
 def test_working_range():
