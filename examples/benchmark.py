@@ -74,6 +74,7 @@ METHODS = {
     'proxbp': ('proxbp', {}),
     'proxbp_cg3': ('proxbp', {'proxbp_solver': 'cg3'}),
     'sgd': ('sgd', {}),
+    'sgd_momentum': ('sgd_momentum', {}),
     'adam': ('adam', {}),
     'muon': ('muon', {}),
     'schedule_free_adamw': ('schedule_free_adamw', {}),
@@ -82,6 +83,9 @@ STEP_MODELS = {  # model -> (example shape, batch size)
     'paper_mlp': ((784,), 100),
     'proxprop_mlp': ((32, 32, 3), 500),
     'proxprop_convnet': ((32, 32, 3), 500),
+    'resnet20': ((32, 32, 3), 128),
+    'residual_mlp': ((32, 32, 3), 128),
+    'residual_mlp_16': ((32, 32, 3), 128),
 }
 
 

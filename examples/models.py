@@ -16,8 +16,13 @@ The ProxBP models start from PyTorch's default initialisation, as in the
 ProxBP authors' code: weights and biases uniform in ``±1/sqrt(fan_in)``
 (``fan_in`` counts the kernel's window for a convolution).
 
-All of them are chains of linear layers with parameter-free code between
-them, which is what ``sibp_jax.nnx.value_grad_and_problems`` reads.
+* ``resnet20``: the CIFAR ResNet-20 of He et al. (2016), with BatchNorm and
+  projection shortcuts (:class:`ResNet20`).
+* ``residual_mlp``, ``residual_mlp_16``: a residual MLP with LayerNorm, 4 or
+  16 blocks of width 256 (:class:`ResidualMLP`).
+
+The papers' models are chains of linear layers; the residual ones are not,
+and SIBP's paper variant (defined on chains) refuses them.
 """
 
 from __future__ import annotations
@@ -125,7 +130,8 @@ class ProxPropConvNet(nnx.Module):
     return self.out(_flatten(x))
 
 
-MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet')
+MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet', 'resnet20',
+          'residual_mlp', 'residual_mlp_16')
 
 
 def create_model(name: str, input_shape: Sequence[int], classes: int, *,
@@ -133,7 +139,9 @@ def create_model(name: str, input_shape: Sequence[int], classes: int, *,
   """Builds one of :data:`MODELS` for inputs of one example's shape.
 
   Args:
-    name: ``'paper_mlp'``, ``'proxprop_mlp'`` or ``'proxprop_convnet'``.
+    name: ``'paper_mlp'``, ``'proxprop_mlp'``, ``'proxprop_convnet'``,
+      ``'resnet20'``, or ``'residual_mlp'`` (4 blocks of width 256;
+      ``'residual_mlp_16'``: 16 blocks).
     input_shape: one example's shape, ``(height, width, channels)`` for
       images; the MLPs take its product as their input width.
     classes: number of classes (the width of the logits).
@@ -152,6 +160,11 @@ def create_model(name: str, input_shape: Sequence[int], classes: int, *,
       raise ValueError('proxprop_convnet needs images (height, width, '
                        f'channels), got examples of shape {input_shape}')
     return ProxPropConvNet(input_shape, classes, seed=seed)
+  if name == 'resnet20':
+    return resnet20(input_shape, classes, seed=seed)
+  if name in ('residual_mlp', 'residual_mlp_16'):
+    return residual_mlp(input_shape, classes, seed=seed,
+                        blocks=16 if name.endswith('16') else 4)
   raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')
 
 

@@ -13,7 +13,9 @@ section (``examples/benchmark.py``). ``train.py``, ``benchmark.py`` and
   with the implicit (proximal) step on the logits. The learning rate is
   ``η``, the step on the neurons.
 * ``proxbp``: ``sibp_jax.proxbp`` with Nesterov (or Adam) outside.
-* ``sgd``, ``nesterov``, ``adam``: optax on the plain gradient.
+* ``sgd``, ``nesterov``, ``adam``: optax on the plain gradient;
+  ``sgd_momentum``: SGD with momentum 0.9 and weight decay 5e-4, the usual
+  ResNet baseline.
 * ``muon``, ``schedule_free_adamw``: ``optax.contrib``'s Muon and
   schedule-free AdamW, modern first-order baselines. Schedule-free AdamW is
   evaluated at its averaged iterate (``schedule_free_eval_params``).
@@ -91,6 +93,10 @@ METHODS: dict[str, Method] = {
     'nesterov': Method(
         lambda lr, hp: optax.sgd(lr, momentum=hp.momentum, nesterov=True),
         False, 0.05, (0.01, 0.05, 0.2)),
+    'sgd_momentum': Method(
+        lambda lr, hp: optax.chain(optax.add_decayed_weights(5e-4),
+                                   optax.sgd(lr, momentum=0.9)),
+        False, 0.1, (0.03, 0.1, 0.3)),
     'adam': Method(lambda lr, hp: optax.adam(lr), False, 1e-3,
                    (3e-4, 1e-3, 3e-3)),
     'muon': Method(lambda lr, hp: optax.contrib.muon(lr), False, 0.02,

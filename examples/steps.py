@@ -99,6 +99,9 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
 
   def sums(state, x, y, weight):
     model, optimizer = nnx.merge(graphdef, state)
+    # Running BatchNorm averages and no dropout (and no statistics of the
+    # zero padding): the model as it is used after training.
+    model.eval()
     if eval_params is not None:
       params = nnx.as_pure(nnx.state(model, nnx.Param))
       nnx.update(model, eval_params(nnx.as_pure(optimizer.opt_state),
