@@ -40,16 +40,22 @@ TINY = dict(dataset='mnist', mock_data=24, train_examples=8, batch_size=4,
             epochs=1, eval_batch_size=16, progress=False)
 HISTORY_KEYS = {'epoch', 'train_loss', 'train_accuracy', 'val_loss',
                 'val_accuracy', 'test_loss', 'test_accuracy', 'seconds',
-                'train_examples_per_second'}
+                'train_examples_per_second', 'skipped_steps'}
 _LAYERWISE = {'sibp', 'sibp_paper', 'sibp_linearized', 'proxbp'}
-# Every optimizer trains paper_mlp; the larger models train with each
-# layer-wise rule (linearized, paper, ProxBP) and with the plain-gradient
-# path (adam), which is the same code for every first-order optimizer.
-# (The ConvNet with adam is test_convnet_adapts_to_cifar_shapes.)
+# Every optimizer trains paper_mlp; the papers' larger models train with
+# each layer-wise rule (linearized, paper, ProxBP) and with the
+# plain-gradient path (adam), which is the same code for every first-order
+# optimizer. (The ConvNet with adam is test_convnet_adapts_to_cifar_shapes.)
+# The residual models, which are not chains, train with the graph sweep
+# (sibp, proxbp) and their usual baseline; the paper variant refuses them
+# (test_paper_variant_refuses_resnet20).
+_CHAINS = ('proxprop_mlp', 'proxprop_convnet')
 CASES = ([('paper_mlp', o) for o in train.OPTIMIZERS]
-         + [(m, o) for m in models.MODELS if m != 'paper_mlp'
+         + [(m, o) for m in _CHAINS
             for o in ('sibp', 'sibp_paper', 'proxbp', 'adam')
-            if (m, o) != ('proxprop_convnet', 'adam')])
+            if (m, o) != ('proxprop_convnet', 'adam')]
+         + [('resnet20', o) for o in ('sibp', 'proxbp', 'sgd_momentum')]
+         + [('residual_mlp', 'sibp')])
 
 
 def _conv_support() -> bool:
@@ -88,6 +94,12 @@ def test_every_model_and_optimizer_trains_one_epoch(tmp_path, model,
   assert metrics['data']['train'] == 8
   assert metrics['data']['steps_per_epoch'] == 2
   assert json.loads(out.read_text()) == metrics
+
+
+def test_paper_variant_refuses_resnet20():
+  with pytest.raises(ValueError, match="'stem'"):
+    train.train_and_evaluate({**TINY, 'model': 'resnet20',
+                              'optimizer': 'sibp_paper'})
 
 
 def test_mock_splits_and_scaling():
