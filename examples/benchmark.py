@@ -70,7 +70,6 @@ import steps
 METHODS = {
     'sibp_linearized': ('sibp_linearized', {}),
     'sibp_paper': ('sibp_paper', {}),
-    'sibp_proximal': ('sibp_proximal', {}),
     'proxbp': ('proxbp', {}),
     'proxbp_cg3': ('proxbp', {'proxbp_solver': 'cg3'}),
     'sgd': ('sgd', {}),

@@ -9,9 +9,8 @@ section (``examples/benchmark.py``). ``train.py``, ``benchmark.py`` and
 
 * ``sibp`` / ``sibp_linearized``: ``sibp_jax.sibp``, the exact-ridge
   variant (the library default); ``sibp_paper``: the authors' nonlinear-CG
-  fit through the activation; ``sibp_proximal``: the linearized variant
-  with the implicit (proximal) step on the logits. The learning rate is
-  ``η``, the step on the neurons.
+  fit through the activation. The learning rate is ``η``, the step on the
+  neurons.
 * ``proxbp``: ``sibp_jax.proxbp`` with Nesterov (or Adam) outside.
 * ``sgd``, ``nesterov``, ``adam``: optax on the plain gradient;
   ``sgd_momentum``: SGD with momentum 0.9 and weight decay 5e-4, the usual
@@ -55,9 +54,9 @@ class Method:
   eval_params: Callable[[Any, Any], Any] | None = None
 
 
-def _sibp(variant: str | None, **options):
+def _sibp(variant: str | None):
   def make(lr, hp):
-    kwargs = {'lambda_w': hp.lambda_w, 'lambda_b': hp.lambda_b, **options}
+    kwargs = {'lambda_w': hp.lambda_w, 'lambda_b': hp.lambda_b}
     if variant == 'paper':
       kwargs['solver'] = sibp_jax.NonlinearCG(iterations=hp.inner_iterations)
     if variant:
@@ -86,8 +85,6 @@ METHODS: dict[str, Method] = {
     'sibp': Method(_sibp(None), True, 0.1, (0.1,)),
     'sibp_paper': Method(_sibp('paper'), True, 0.1, (0.1,)),
     'sibp_linearized': Method(_sibp('linearized'), True, 0.1, (0.1,)),
-    'sibp_proximal': Method(_sibp(None, output_step='proximal'), True, 0.1,
-                            (0.1,)),
     'proxbp': Method(_proxbp, True, 1.0, (0.3, 1.0, 3.0)),
     'sgd': Method(lambda lr, hp: optax.sgd(lr), False, 0.1, (0.03, 0.1, 0.3)),
     'nesterov': Method(

@@ -226,8 +226,7 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
 
 
 def build_problems(records: list[Record], output_error, logits, *, runner,
-                   data, x, prefix: Path = (), check: bool = True,
-                   labels=None, loss_fn=None):
+                   data, x, prefix: Path = (), check: bool = True):
   """Turns the records of one forward pass into :class:`Problems`.
 
   Args:
@@ -243,8 +242,6 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
       refuse a layer whose output reaches no later layer, and define the
       segments ``s_i`` only for chain links. Without it every layer is
       taken to be a chain link.
-    labels, loss_fn: the batch's labels and per-example loss, kept for
-      steps that need the loss itself.
   """
   if not records:
     raise ValueError('the model applied no recognised linear layer '
@@ -269,8 +266,7 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
         kind=rec.kind, kernel_path=prefix + rec.path + ('kernel',),
         bias_path=prefix + rec.path + ('bias',) if rec.has_bias else None))
   return problems_lib.Problems(tuple(layers), output_error,
-                               problems_lib.Graph(graph, data, x), labels,
-                               loss_fn)
+                               problems_lib.Graph(graph, data, x))
 
 
 def check_batch(x, y, logits=None, losses=None) -> None:
@@ -345,5 +341,4 @@ class Forward:
     error = (None if logits is None else
              output_error(self.loss_fn, logits, self.y, loss))
     return build_problems(records, error, logits, runner=runner, data=data,
-                          x=self.x, prefix=prefix, check=check, labels=self.y,
-                          loss_fn=self.loss_fn)
+                          x=self.x, prefix=prefix, check=check)

@@ -274,17 +274,11 @@ class Problems:
     graph: the model as a function of its layers' outputs, for the sweep
       over a general graph; ``None`` when only the chain's segments are
       known (then the layers must form a chain).
-    labels: the batch's labels, for steps that need the loss itself (the
-      proximal output step); ``None`` if not recorded.
-    loss_fn: the per-example loss ``loss_fn(logits, labels)`` (static), or
-      ``None``.
   """
 
   layers: tuple[LayerProblem, ...]
   output_error: jax.Array
   graph: Graph | None = None
-  labels: Any = None
-  loss_fn: Callable[..., jax.Array] | None = None
 
   @property
   def batch_size(self) -> int:
@@ -299,8 +293,8 @@ jax.tree_util.register_dataclass(
     LayerProblem, data_fields=['inputs', 'outputs', 'segment'],
     meta_fields=['kind', 'kernel_path', 'bias_path'])
 jax.tree_util.register_dataclass(
-    Problems, data_fields=['layers', 'output_error', 'graph', 'labels'],
-    meta_fields=['loss_fn'])
+    Problems, data_fields=['layers', 'output_error', 'graph'],
+    meta_fields=[])
 
 
 def key_name(key) -> PathKey:

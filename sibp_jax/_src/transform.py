@@ -23,7 +23,6 @@ shows such a chain, or problems from another batch.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 from typing import NamedTuple
 
@@ -32,13 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sibp_jax._src import output
 from sibp_jax._src import problems as problems_lib
 from sibp_jax._src import solvers
 from sibp_jax._src import sweep
 
 VARIANTS = ('linearized', 'paper')
-OUTPUT_STEPS = ('explicit', 'proximal')
 
 
 class LayerwiseInfo(NamedTuple):
@@ -226,14 +223,13 @@ def _grad_mismatch(problems, grad, kernel):
                            jnp.float32)
 
 
-def _layerwise(name, make_rule, scale_of, prepare=None):
+def _layerwise(name, make_rule, scale_of):
   """Builds ``update`` for a transformation defined by a sweep rule.
 
   Args:
     name: the transformation's name, for error messages.
     make_rule: ``(count, batch_size) -> rule``.
     scale_of: ``count -> s``; the direction is ``(X_old - X_new) / s``.
-    prepare: optional ``(problems, count) -> problems`` run before the sweep.
   """
 
   def update(updates, state, params=None, *, problems=None, **extra_args):
@@ -242,9 +238,6 @@ def _layerwise(name, make_rule, scale_of, prepare=None):
       raise _missing_problems(name)
     leaves, grad_leaves, treedef, located = _locate(
         name, problems, updates, params)
-    recorded = problems
-    if prepare is not None:
-      problems = prepare(problems, state.count)
     rule = make_rule(state.count, problems.batch_size)
     compute = [
         (leaves[k].astype(jnp.promote_types(leaves[k].dtype, jnp.float32)),
@@ -264,7 +257,7 @@ def _layerwise(name, make_rule, scale_of, prepare=None):
         finite,
         jnp.max(jnp.stack([u.info.residual for u in new])).astype(jnp.float32),
         sum(u.info.iterations for u in new).astype(jnp.int32),
-        _grad_mismatch(recorded, grad_leaves[located[-1][0]],
+        _grad_mismatch(problems, grad_leaves[located[-1][0]],
                        compute[-1][0]))
     # A skipped step leaves the count, and so a schedule, where it was.
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)
@@ -286,7 +279,6 @@ def scale_by_sibp(
     lambda_b: jax.typing.ArrayLike = 1.0,
     solver: Any = None,
     last_layer_solver: Any = None,
-    output_step: str = 'explicit',
 ) -> optax.GradientTransformationExtraArgs:
   r"""The semi-implicit back propagation direction (Liu & Zhang, 2020).
 
@@ -343,14 +335,6 @@ def scale_by_sibp(
       ``Ridge('cholesky')`` when the batch is sharded under automatic
       (GSPMD) sharding, see :class:`sibp_jax.Ridge` (and, as ``solver``,
       ``NonlinearCG(space='parameters')``).
-    output_step: the step on the output neurons (static). ``'explicit'``
-      (default, the paper's): ``t = z - η e``. ``'proximal'``: the
-      implicit step ``t = argmin_t ℓ(t) + ‖t - z‖²/(2η)`` per example
-      (damped Newton on the logits), which moves the logits by ``O(log η)``
-      for softmax cross-entropy instead of ``O(η)`` and never overshoots a
-      squared error; it needs a twice-differentiable ``loss_fn``, recorded
-      by ``value_grad_and_problems``. The hidden layers' neuron steps stay
-      explicit.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
@@ -380,9 +364,6 @@ def scale_by_sibp(
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-  if output_step not in OUTPUT_STEPS:
-    raise ValueError(f'output_step must be one of {OUTPUT_STEPS}, got '
-                     f'{output_step!r}')
   check_positive('learning_rate', learning_rate)
   check_positive('lambda_w', lambda_w)
   check_positive('lambda_b', lambda_b)
@@ -412,25 +393,9 @@ def scale_by_sibp(
     del params
     return ScaleBySIBPState(jnp.zeros((), jnp.int32), _empty_info())
 
-  def proximal_output(problems, count):
-    if problems.loss_fn is None or problems.labels is None:
-      raise ValueError(
-          "scale_by_sibp(output_step='proximal') needs the loss and labels "
-          'of the forward pass; build problems with '
-          'sibp_jax.nnx.value_grad_and_problems or '
-          'sibp_jax.linen.value_grad_and_problems.')
-    error = output.proximal_error(
-        problems.loss_fn, problems.layers[-1].outputs, problems.labels,
-        _value_at(learning_rate, count))
-    # Keep the forward pass's flag: a batch it marked as untrustworthy
-    # (NaN error) stays flagged.
-    error = jnp.where(jnp.isfinite(problems.output_error), error, jnp.nan)
-    return dataclasses.replace(problems, output_error=error)
-
   return optax.GradientTransformationExtraArgs(
       init, _layerwise('scale_by_sibp', make_rule,
-                       lambda count: _value_at(learning_rate, count),
-                       proximal_output if output_step == 'proximal' else None))
+                       lambda count: _value_at(learning_rate, count)))
 
 
 def scale_by_proxbp(
