@@ -237,7 +237,7 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
           at.loss_sum += float(jnp.mean(stats['loss']))
           at.acc_sum += float(jnp.mean(stats['accuracy']))
           flagged = np.atleast_1d(np.asarray(stats['skipped'], int))
-          at.skipped = list(flagged + (at.skipped or 0))
+          at.skipped = [int(v) for v in flagged + (at.skipped or 0)]
           done_this_run += 1
           if done_this_run == config.stop_after_steps:
             guard.requested = True  # as a Ctrl-C: stop before the next step
