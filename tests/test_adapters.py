@@ -1,6 +1,7 @@
 """The Flax adapters: what they record, nnx and linen agreeing, and errors."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,3 +323,25 @@ def test_optax_only_uses_are_unaffected():
   grads = nnx.grad(lambda m: xent(m(x), y).mean())(model)
   opt.update(model, grads)
   chex.assert_tree_all_finite(pure(nnx.state(model)))
+
+
+def test_unrecognised_layer_types_are_named():
+  # A DenseGeneral / Einsum / LinearGeneral where a linear layer is meant:
+  # the error says which layer and type the sweep does not read, not only
+  # that the output is not the last recognised layer's.
+  loss_fn = optax.softmax_cross_entropy_with_integer_labels
+  x, y = jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32)
+  model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.LinearGeneral(8, 3, rngs=nnx.Rngs(1)))
+  with pytest.raises(ValueError, match=r"'layers/2' \(LinearGeneral\)"):
+    sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=loss_fn)
+
+  class WithEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Einsum((8, 3), 'bi,ij->bj')(nn.relu(nn.Dense(8)(x)))
+
+  params = WithEinsum().init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=r"'Einsum_0' \(Einsum\)"):
+    sibp_jax.linen.value_grad_and_problems(WithEinsum(), params, x, y,
+                                           loss_fn=loss_fn)

@@ -56,6 +56,9 @@ class Tape:
     self.source, self.value, self.target = source, value, target
     self.hook, self.paths = hook, paths
     self.records: list[Record] = []
+    # Layers with parameters of a type the sweep does not read (a
+    # DenseGeneral, an Einsum, ...), by name, for error messages.
+    self.unrecognised: list[str] = []
     self.captured = None
     self.calls = 0
 
@@ -319,6 +322,7 @@ class Forward:
     self.x, self.y, self.loss_fn = x, y, loss_fn
     check_batch(x, y)
     self.records: list[Record] = []
+    self.unrecognised: list[str] = []  # see Tape.unrecognised
     self.is_last = False
 
   def loss(self, run):
@@ -328,6 +332,7 @@ class Forward:
     losses = self.loss_fn(logits, self.y)
     check_batch(self.x, self.y, logits, losses)
     self.records = tape.records
+    self.unrecognised = self.unrecognised + tape.unrecognised
     self.is_last = bool(tape.records) and logits is tape.records[-1].outputs
     return jnp.mean(losses), ([r.inputs for r in tape.records],
                               [r.outputs for r in tape.records], extra)
@@ -340,5 +345,14 @@ class Forward:
     logits = records[-1].outputs if records and self.is_last else None
     error = (None if logits is None else
              output_error(self.loss_fn, logits, self.y, loss))
-    return build_problems(records, error, logits, runner=runner, data=data,
-                          x=self.x, prefix=prefix, check=check)
+    try:
+      return build_problems(records, error, logits, runner=runner,
+                            data=data, x=self.x, prefix=prefix, check=check)
+    except ValueError as e:
+      if not self.unrecognised:
+        raise
+      raise ValueError(
+          f'{e} The model also has layers that sibp_jax does not '
+          'recognise as linear layers: ' + ', '.join(self.unrecognised) +
+          '. Only nnx.Linear, nnx.Conv, linen.Dense and linen.Conv are '
+          'solved layer by layer; express these layers with them.') from None

@@ -13,6 +13,9 @@ from sibp_jax._src import problems as problems_lib
 # nnx.Linear / linen.Dense and nnx.Conv / linen.Conv share attribute names.
 DENSE = (nnx.Linear, nn.Dense)
 CONV = (nnx.Conv, nn.Conv)
+# Layers with a kernel that the sweep does not read; named in errors.
+UNRECOGNISED = (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose,
+                nn.DenseGeneral, nn.Einsum, nn.ConvTranspose)
 
 
 def _per_axis(value, nd: int, what: str, name: str) -> tuple[int, ...]:

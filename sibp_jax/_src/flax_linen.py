@@ -21,6 +21,10 @@ from sibp_jax._src import problems as problems_lib
 def _interceptor(next_fun, args, kwargs, context):
   tape = capture.current_tape()
   module = context.module
+  if (tape is not None and context.method_name == '__call__' and
+      isinstance(module, flax_layers.UNRECOGNISED)):
+    tape.unrecognised.append(f"'{problems_lib.path_str(module.path)}' "
+                             f'({type(module).__name__})')
   if (tape is None or context.method_name != '__call__' or
       not isinstance(module, flax_layers.DENSE + flax_layers.CONV)):
     return next_fun(*args, **kwargs)

@@ -123,6 +123,10 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     [(5, 4), (5, 8)]
   """
   forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
+  forward.unrecognised = [
+      f"'{problems_lib.path_str(path)}' ({type(m).__name__})"
+      for path, m in nnx.iter_modules(model)
+      if isinstance(m, flax_layers.UNRECOGNISED)]
   # The sweep replays the model from the state the forward pass started
   # from: the same random state draws the same dropout mask, and what the
   # replay changes (BatchStat, RngCount) is discarded with its copy. The
