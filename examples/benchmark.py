@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 import time
 from collections.abc import Callable
@@ -67,62 +68,42 @@ import optimizers
 import steps
 
 # Benchmark name -> (registry name, hyperparameters besides the defaults).
-METHODS = {
-    'sibp_linearized': ('sibp_linearized', {}),
-    'sibp_paper': ('sibp_paper', {}),
-    'proxbp': ('proxbp', {}),
-    'proxbp_cg3': ('proxbp', {'proxbp_solver': 'cg3'}),
-    'sgd': ('sgd', {}),
-    'sgd_momentum': ('sgd_momentum', {}),
-    'adam': ('adam', {}),
-    'muon': ('muon', {}),
-    'schedule_free_adamw': ('schedule_free_adamw', {}),
-}
+METHODS = {name: (name, {}) for name in (
+    'sibp_linearized', 'sibp_paper', 'proxbp', 'proxbp_cg3', 'sgd',
+    'sgd_momentum', 'adam', 'muon', 'schedule_free_adamw')}
+METHODS['proxbp_cg3'] = ('proxbp', {'proxbp_solver': 'cg3'})
 STEP_MODELS = {  # model -> (example shape, batch size)
-    'paper_mlp': ((784,), 100),
-    'proxprop_mlp': ((32, 32, 3), 500),
-    'proxprop_convnet': ((32, 32, 3), 500),
-    'resnet20': ((32, 32, 3), 128),
-    'residual_mlp': ((32, 32, 3), 128),
-    'residual_mlp_16': ((32, 32, 3), 128),
-}
+    'paper_mlp': ((784,), 100), 'proxprop_mlp': ((32, 32, 3), 500),
+    'proxprop_convnet': ((32, 32, 3), 500), 'resnet20': ((32, 32, 3), 128),
+    'residual_mlp': ((32, 32, 3), 128), 'residual_mlp_16': ((32, 32, 3), 128)}
 
 
 class Trainer:
-  """One method on one model: its step, initial state and full loss."""
+  """One method on one model for examples like ``x``: step, state, loss."""
 
-  def __init__(self, name: str, model: str, input_shape, seed: int = 0,
+  def __init__(self, name: str, model: str, x, seed: int = 0,
                learning_rate: float | None = None,
                rates: Sequence[float] | None = None,
                sweep: Callable[[Any, Any], Any] | None = None):
     key, hp = METHODS[name]
     self.method = optimizers.METHODS[key]
     hp = optimizers.Hyperparameters(**hp)
-    net = models.create_model(model, input_shape, 10, seed=seed)
     if rates is None:
-      self.graphdef, self.state = steps.init_state(
-          net, optimizers.create(key, learning_rate, hp))
-    elif sweep is None:  # K runs, one per learning rate
-      tx = optimizers.injectable(key, hp)(learning_rate=rates[0])
-      self.graphdef, state = steps.init_state(net, tx)
-      self.state = steps.stack_learning_rates(state, rates)
-    else:  # K runs, one per value given to ``sweep(hp, value) -> hp``
-      make = lambda value: optimizers.create(key, learning_rate,
-                                             sweep(hp, value))
-      tx = optax.inject_hyperparams(make)(value=rates[0])
-      self.graphdef, state = steps.init_state(net, tx)
-      self.state = steps.stack_learning_rates(state, rates, 'value')
+      tx = optimizers.create(key, learning_rate, hp)
+    else:  # K runs, one per learning rate or value of ``sweep(hp, value)``
+      tx = optax.inject_hyperparams(lambda value: optimizers.create(
+          key, learning_rate if sweep else value,
+          sweep(hp, value) if sweep else hp))(value=rates[0])
+    net = models.create_model(model, x.shape[1:], 10, seed=seed)
+    self.graphdef, self.state = steps.init_state(net, tx)
+    if rates is not None:
+      self.state = steps.stack_learning_rates(self.state, rates, 'value')
     self.pure_step = steps.make_step(self.graphdef, self.method.needs_problems)
     self.step = steps.jit(self.pure_step)
-    self.runs = rates is not None
-
-  def evaluate(self, state, x, y) -> list[tuple[float, float]]:
-    """The mean loss and accuracy on ``(x, y)`` of each run."""
-    if not hasattr(self, '_evaluate'):
-      self._evaluate = steps.make_evaluate(
-          self.graphdef, min(len(x), 10_000), runs=self.runs,
-          eval_params=self.method.eval_params)
-    return self._evaluate(state, x, y)
+    # evaluate(state, x, y): the mean loss and accuracy of each run.
+    self.evaluate = steps.make_evaluate(
+        self.graphdef, min(len(x), 10_000), runs=rates is not None,
+        eval_params=self.method.eval_params)
 
   def loss(self, state, x, y) -> list[float]:
     """The mean loss on ``(x, y)`` of each run."""
@@ -156,11 +137,10 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
   trainers, memory, flops = {}, {}, {}
   for name in methods:
-    t = trainers[name] = Trainer(name, model, shape, seed)
+    t = trainers[name] = Trainer(name, model, x, seed)
     compiled = t.step.lower(t.state, x, y).compile()
     analysis = compiled.memory_analysis()
-    memory[name] = None if analysis is None else int(
-        analysis.temp_size_in_bytes)
+    memory[name] = analysis and int(analysis.temp_size_in_bytes)
     flops[name] = _flops(compiled)
     t.state = t.step(t.state, x, y)[0]  # warm-up
   times = {name: [] for name in methods}
@@ -183,11 +163,9 @@ def train_curve(name: str, x, y, learning_rate: float | None, *,
                 epochs: int = 1, evals_per_epoch: int = 1,
                 target: float | None = None, batch: int = 100,
                 seed: int = 0) -> list[tuple[float, float, float]]:
-  """``(epoch, update seconds, full loss)`` at each evaluation of one run.
-
-  The run stops at its first evaluation at or below ``target``.
-  """
-  t = Trainer(name, 'paper_mlp', x.shape[1:], seed, learning_rate)
+  """``(epoch, update seconds, full loss)`` at each evaluation of one run,
+  which stops at its first evaluation at or below ``target``."""
+  t = Trainer(name, 'paper_mlp', x, seed, learning_rate)
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   curve = [(0.0, 0.0, t.loss(t.state, xs, ys)[0])]
   per_epoch = len(x) // batch
@@ -211,10 +189,8 @@ def train_curve(name: str, x, y, learning_rate: float | None, *,
 def one_epoch(methods: Sequence[str], x, y, batch: int = 100,
               seed: int = 0,
               rates: dict[str, float] | None = None) -> dict[str, Any]:
-  """Training loss after one epoch, same initial weights and batches.
-
-  Each method runs at ``rates[name]``, by default its registry rate.
-  """
+  """Training loss after one epoch at ``rates[name]`` (default: the
+  registry's), from the same initial weights on the same batches."""
   results = {}
   for name in methods:
     key, hp = METHODS[name]
@@ -233,15 +209,12 @@ def vmapped_runs(name: str, x, y, rates: Sequence[float], batch: int = 100,
                  learning_rate: float | None = None):
   """K runs of ``epochs`` epochs, one per value, as ONE compiled program.
 
-  ``rates`` are learning rates, or values handed to ``sweep(hp, value)``,
-  which returns the hyperparameters of that run (every run then trains at
-  ``learning_rate``).
-
-  Returns:
-    ``(trainer, final stacked state, seconds with compilation)``.
+  ``rates`` are learning rates, or values of ``sweep(hp, value) -> hp``
+  (every run then at ``learning_rate``). Returns ``(trainer, final stacked
+  state, seconds with compilation)``.
   """
-  t = Trainer(name, 'paper_mlp', x.shape[1:], seed, learning_rate,
-              rates=rates, sweep=sweep)
+  t = Trainer(name, 'paper_mlp', x, seed, learning_rate, rates=rates,
+              sweep=sweep)
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   batches = jnp.asarray(np.concatenate([
       steps.epoch_batches(len(x), batch, seed, e) for e in range(epochs)]))
@@ -255,27 +228,12 @@ def vmapped_runs(name: str, x, y, rates: Sequence[float], batch: int = 100,
   return t, state, time.perf_counter() - begin
 
 
-def epoch_losses(name: str, x, y, rates: Sequence[float], batch: int = 100,
-                 seed: int = 0) -> tuple[np.ndarray, float, float]:
-  """Full loss after one epoch at each rate, as one vmapped program.
-
-  Returns:
-    ``(losses, start loss, seconds with compilation)``.
-  """
-  t, state, seconds = vmapped_runs(name, x, y, rates, batch, seed)
-  xs, ys = jnp.asarray(x), jnp.asarray(y)
-  start = t.loss(t.state, xs, ys)[0]
-  return np.asarray(t.loss(state, xs, ys)), start, seconds
-
-
 def best_learning_rates(methods: Sequence[str], x, y, table: str | None,
                         seed: int = 0) -> dict[str, dict[str, Any]]:
   """Each method's learning rate for the target section, and its source.
 
-  With ``table`` (the markdown table ``examples/reproduce.py`` writes), the
-  rate its row chose (``proxbp_cg3`` takes ``proxbp``'s); a method without
-  a row is an error. Otherwise the rate of the method's registry grid with
-  the lowest full training loss after one epoch.
+  With ``table`` (of ``examples/reproduce.py``), its row's (``proxbp_cg3``:
+  ``proxbp``'s; no row: an error), else the best of the registry grid.
   """
   rows = {}
   if table:
@@ -294,7 +252,8 @@ def best_learning_rates(methods: Sequence[str], x, y, table: str | None,
                    'source': f'{os.path.basename(table)}, row {key}'}
       continue
     grid = optimizers.METHODS[METHODS[name][0]].grid
-    losses = epoch_losses(name, x, y, grid, seed=seed)[0]
+    t, state, _ = vmapped_runs(name, x, y, grid, seed=seed)
+    losses = np.array(t.loss(state, jnp.asarray(x), jnp.asarray(y)))
     losses = np.where(np.isfinite(losses), losses, np.inf)
     out[name] = {'learning_rate': float(grid[int(np.argmin(losses))]),
                  'source': 'best after one epoch of grid ' +
@@ -346,11 +305,7 @@ def working_range(rates, works) -> tuple[float, tuple[float, float] | None]:
 
 
 def stable_ranges(values, losses, accuracies) -> dict[str, Any]:
-  """Accuracy- and loss-stable ranges of one method over ``values``.
-
-  Accuracy-stable: test accuracy within 0.05 of the method's best in the
-  grid; loss-stable: training loss finite and at most 1.5× its best.
-  """
+  """One method's accuracy- and loss-stable ranges (module docstring)."""
   losses = np.where(np.isfinite(losses), losses, np.inf)
   accuracies = np.where(np.isfinite(accuracies), accuracies, 0.0)
   acc_range, acc_lo_hi = working_range(
@@ -369,8 +324,7 @@ def stable_ranges(values, losses, accuracies) -> dict[str, Any]:
 def robustness(methods: Sequence[str], x, y, x_test, y_test, batch: int = 100,
                grid_points: int = 17, low: float = 1e-4, high: float = 1e4,
                epochs: int = 3, seed: int = 0) -> dict[str, Any]:
-  """Stable ranges of the learning rate, and of SIBP's ``λ``, by vmapped runs.
-  """
+  """Stable ranges of the learning rate, and of SIBP's ``λ``, vmapped."""
   values = np.logspace(math.log10(low), math.log10(high), grid_points)
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   xt, yt = jnp.asarray(x_test), jnp.asarray(y_test)
@@ -408,9 +362,7 @@ def plot_robustness(res: dict[str, Any], path: str) -> None:
     loss.plot(rates, [np.nan if v is None else v for v in
                       row['train_losses']], marker='.', label=name)
   for ax, what in ((acc, 'test accuracy'), (loss, 'training loss')):
-    ax.set_xscale('log')
-    ax.set_xlabel('learning rate (SIBP: η)')
-    ax.set_ylabel(what)
+    ax.set(xscale='log', xlabel='learning rate (SIBP: η)', ylabel=what)
   loss.set_yscale('log')
   acc.legend(fontsize='small')
   fig.suptitle(f'paper_mlp, {res["train_examples"]} examples, '
@@ -432,38 +384,39 @@ def _fmt(v) -> str:
   return str(v)
 
 
-def _table(results: dict[str, Any], columns: Sequence[str],
-           headers: Sequence[str]) -> str:
-  lines = ['| method | ' + ' | '.join(headers) + ' |',
-           '|---' * (len(columns) + 1) + '|']
-  for name, row in results.items():
-    lines.append(f'| {name} | ' + ' | '.join(_fmt(row[c]) for c in columns)
-                 + ' |')
-  return '\n'.join(lines)
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  return '\n'.join(['| ' + ' | '.join(header) + ' |', '|---' * len(header)
+                    + '|', *('| ' + ' | '.join(row) + ' |' for row in rows)])
 
 
-STEP_COLUMNS = (['median_ms', 'ratio_to_adam', 'memory_ratio_to_adam',
-                 'flops_ratio_to_adam'],
-                ['median ms', 'time / Adam', 'compiled temp memory / Adam',
-                 'compiled flops / Adam'])
-EPOCH_COLUMNS = (['learning_rate', 'start_loss', 'train_loss',
-                  'update_seconds'],
-                 ['learning rate', 'start loss', 'train loss after 1 epoch',
-                  'update seconds'])
-TARGET_COLUMNS = (['learning_rate', 'reached', 'epochs',
-                   'epochs_ratio_to_adam', 'update_seconds',
-                   'update_seconds_ratio_to_adam', 'final_loss'],
-                  ['learning rate', 'reached', 'epochs', 'epochs / Adam',
-                   'update s', 'update s / Adam', 'last loss'])
-ROBUSTNESS_COLUMNS = (['best_test_accuracy', 'accuracy_stable',
-                       'accuracy_range_ratio_to_sgd', 'best_train_loss',
-                       'loss_stable', 'loss_range_ratio_to_sgd'],
-                      ['best test acc', 'accuracy-stable rates',
-                       "range / SGD's", 'best train loss',
-                       'loss-stable rates', "range / SGD's"])
-LAMBDA_COLUMNS = (ROBUSTNESS_COLUMNS[0][:2] + ROBUSTNESS_COLUMNS[0][3:5],
-                  ['best test acc', 'accuracy-stable λ', 'best train loss',
-                   'loss-stable λ'])
+def _methods_table(results: dict[str, Any], columns: dict[str, str]) -> str:
+  """A row per method: its results' ``columns`` (key: header)."""
+  return _table(['method', *columns.values()], [
+      [name, *(_fmt(row[c]) for c in columns)]
+      for name, row in results.items()])
+
+
+STEP_COLUMNS = {'median_ms': 'median ms', 'ratio_to_adam': 'time / Adam',
+                'memory_ratio_to_adam': 'compiled temp memory / Adam',
+                'flops_ratio_to_adam': 'compiled flops / Adam'}
+EPOCH_COLUMNS = {'learning_rate': 'learning rate', 'start_loss': 'start loss',
+                 'train_loss': 'train loss after 1 epoch',
+                 'update_seconds': 'update seconds'}
+TARGET_COLUMNS = {'learning_rate': 'learning rate', 'reached': 'reached',
+                  'epochs': 'epochs', 'epochs_ratio_to_adam': 'epochs / Adam',
+                  'update_seconds': 'update s',
+                  'update_seconds_ratio_to_adam': 'update s / Adam',
+                  'final_loss': 'last loss'}
+ROBUSTNESS_COLUMNS = {
+    'best_test_accuracy': 'best test acc',
+    'accuracy_stable': 'accuracy-stable rates',
+    'accuracy_range_ratio_to_sgd': "range / SGD's",
+    'best_train_loss': 'best train loss', 'loss_stable': 'loss-stable rates',
+    'loss_range_ratio_to_sgd': "range / SGD's"}
+LAMBDA_COLUMNS = {'best_test_accuracy': 'best test acc',
+                  'accuracy_stable': 'accuracy-stable λ',
+                  'best_train_loss': 'best train loss',
+                  'loss_stable': 'loss-stable λ'}
 
 
 def _section_markdown(name: str, res: Any) -> list[str]:
@@ -471,10 +424,11 @@ def _section_markdown(name: str, res: Any) -> list[str]:
   if name == 'step':
     return [f'**Step cost**, `{model}`, batch {r["batch"]}, random data, '
             f'median of {r["rounds"]} interleaved rounds:\n\n'
-            + _table(r['methods'], *STEP_COLUMNS) for model, r in res.items()]
+            + _methods_table(r['methods'], STEP_COLUMNS)
+            for model, r in res.items()]
   if name == 'epoch':
     return ['**One epoch**, `paper_mlp`, batch 100:\n\n'
-            + _table(res, *EPOCH_COLUMNS)]
+            + _methods_table(res, EPOCH_COLUMNS)]
   if name == 'target':
     caption = (
         f'{res["train_examples"]} training examples: target = Adam\'s full '
@@ -482,7 +436,7 @@ def _section_markdown(name: str, res: Any) -> list[str]:
         f'{res["target_loss"]:.4f}; loss evaluated {res["evals_per_epoch"]}× '
         f'per epoch, at most {res["max_epochs"]} epochs')
     return [f'**Time to target**, `paper_mlp`, batch 100, {caption}:\n\n'
-            + _table(res['methods'], *TARGET_COLUMNS)]
+            + _methods_table(res['methods'], TARGET_COLUMNS)]
   rates = res['learning_rates']
   caption = (
       f'{res["epochs"]} epochs of {res["train_examples"]} examples, test '
@@ -490,18 +444,14 @@ def _section_markdown(name: str, res: Any) -> list[str]:
       f'… {_fmt(rates[-1])} ({len(rates)} log-spaced), one vmapped program '
       'per method; accuracy-stable: within 5 points of the best; '
       'loss-stable: within 1.5× the best')
-  per_rate = ['| method | ' + ' | '.join(_fmt(r) for r in rates) + ' |',
-              '|---' * (len(rates) + 1) + '|']
-  for name, row in res['methods'].items():
-    per_rate.append(f'| {name} acc | ' + ' | '.join(
-        f'{v:.2f}' for v in row['test_accuracies']) + ' |')
-    per_rate.append(f'| {name} loss | ' + ' | '.join(
-        _fmt(v) for v in row['train_losses']) + ' |')
+  per_rate = [row for name, r in res['methods'].items() for row in (
+      [f'{name} acc', *(f'{v:.2f}' for v in r['test_accuracies'])],
+      [f'{name} loss', *map(_fmt, r['train_losses'])])]
   return [f'**Step-size robustness**, `paper_mlp`, batch 100, {caption}:'
-          '\n\n' + _table(res['methods'], *ROBUSTNESS_COLUMNS),
-          'Per rate:\n\n' + '\n'.join(per_rate),
+          '\n\n' + _methods_table(res['methods'], ROBUSTNESS_COLUMNS),
+          'Per rate:\n\n' + _table(['method', *map(_fmt, rates)], per_rate),
           '**SIBP in λ = λ_W = λ_b** at η = 0.1, same grid of values:\n\n'
-          + _table(res['lambda_at_eta_0.1'], *LAMBDA_COLUMNS)]
+          + _methods_table(res['lambda_at_eta_0.1'], LAMBDA_COLUMNS)]
 
 
 SECTIONS = ('step', 'epoch', 'target', 'robustness')
@@ -526,15 +476,13 @@ def _subsample(x, y, n: int | None, seed: int):
 
 
 def load_data(args) -> tuple[np.ndarray, ...]:
-  """All training and test images of ``--dataset`` (no validation hold-out).
-
-  With ``--mock_data N``, N synthetic training and N // 5 test examples.
-  """
+  """All training and test images of ``--dataset`` (no validation hold-out);
+  with ``--mock_data N``, N synthetic training and N // 5 test examples."""
   if args.mock_data:
     x, y = input_pipeline.teacher_data(args.mock_data + args.mock_data // 5,
                                        seed=args.seed)
-    return x[:args.mock_data], y[:args.mock_data], x[args.mock_data:], y[
-        args.mock_data:]
+    n = args.mock_data
+    return x[:n], y[:n], x[n:], y[n:]
   data = input_pipeline.load(args.dataset, args.data_dir,
                              validation_examples=0)
   return data.x_train, data.y_train, data.x_test, data.y_test
@@ -543,11 +491,13 @@ def load_data(args) -> tuple[np.ndarray, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   add = parser.add_argument
-  add('--section', default='step', help='comma-separated: step, epoch, '
-      'target, robustness, or all (default step)')
-  add('--methods', default=','.join(METHODS),
+  names = lambda text: [v for v in text.split(',') if v]
+  add('--section', dest='sections', type=names, default='step',
+      help='comma-separated: step, epoch, target, robustness, or all '
+      '(default step)')
+  add('--methods', type=names, default=','.join(METHODS),
       help='comma-separated subset of ' + ', '.join(METHODS))
-  add('--models', default=','.join(STEP_MODELS),
+  add('--models', type=names, default=','.join(STEP_MODELS),
       help='step section: comma-separated subset of ' + ', '.join(STEP_MODELS))
   add('--data_dir', default=None, help='TFDS data directory')
   add('--dataset', default='fashion_mnist')
@@ -576,17 +526,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add('--json', default=None, help='write results here')
   add('--markdown', default=None, help='write the markdown tables here')
   args = parser.parse_args(argv)
-  args.sections = [s for s in args.section.split(',') if s]
   if 'all' in args.sections:
     args.sections = list(SECTIONS)
-  args.methods = [m for m in args.methods.split(',') if m]
   try:
     args.learning_rates = {k: float(v) for k, v in (
         item.split('=') for item in args.learning_rates.split(',') if item)}
   except ValueError:
     parser.error(f'--learning_rates: expected NAME=LR,..., got '
                  f'{args.learning_rates!r}')
-  args.models = [m for m in args.models.split(',') if m]
   for what, got, known in (
       ('sections', args.sections, SECTIONS),
       ('methods', [*args.methods, *args.learning_rates], METHODS),
@@ -596,10 +543,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if 'adam' not in args.methods:
     args.methods.append('adam')
   if args.quick:  # reduced sizes; the keys of the output are the same
-    args.target_epochs, args.max_epochs, args.evals_per_epoch = 1, 2, 2
-    args.grid_points = min(args.grid_points, 5)
-    args.robustness_epochs = 1
-    args.train_examples = args.train_examples or 2000
+    vars(args).update(target_epochs=1, max_epochs=2, evals_per_epoch=2,
+                      grid_points=min(args.grid_points, 5), robustness_epochs=1,
+                      train_examples=args.train_examples or 2000)
   return args
 
 
@@ -652,11 +598,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   text = markdown(out)
   print('\n' + text, flush=True)
   if args.markdown:
-    with open(args.markdown, 'w') as f:
-      f.write(text)
+    pathlib.Path(args.markdown).write_text(text)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2)
+    pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
   return out
 
 

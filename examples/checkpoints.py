@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -33,10 +34,9 @@ class UsageError(ValueError):
 class Interrupted(KeyboardInterrupt):
   """Training stopped by Ctrl-C (or ``stop_after_steps``) between steps.
 
-  Attributes:
-    checkpoint_step: the global step of the checkpoint that resumes the run,
-      or ``None`` without a ``checkpoint_dir``.
-    message: what happened and how to resume.
+  ``message`` says what happened and how to resume; ``checkpoint_step`` is
+  the global step of the checkpoint that resumes the run (``None`` without
+  a ``checkpoint_dir``).
   """
 
   def __init__(self, message: str, checkpoint_step: int | None):
@@ -65,17 +65,13 @@ def _replace_atomically(path: str, write, mode: str = 'w') -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON; a reader never sees a half-written file."""
-  def write(f):
-    json.dump(obj, f, indent=2, allow_nan=False)
-    f.write('\n')
-  _replace_atomically(path, write)
+  _replace_atomically(path, lambda f: f.write(
+      json.dumps(obj, indent=2, allow_nan=False) + '\n'))
 
 
 def write_params_npz(path: str, graphdef, state) -> None:
-  """Writes the model's ``nnx.Param`` arrays to ``path`` (``.npz``).
-
-  Keys are the parameters' paths joined by ``/`` (``hidden/kernel``).
-  """
+  """Writes the model's ``nnx.Param`` arrays to ``path`` (``.npz``), keyed
+  by their paths joined by ``/`` (``hidden/kernel``)."""
   model = nnx.merge(graphdef, state)[0]
   flat = jax.tree_util.tree_flatten_with_path(
       nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
@@ -97,17 +93,14 @@ def checkpoint_manager(directory: str):
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def save(manager, state, progress: dict[str, Any]) -> bool:
-  """Saves at ``progress['global_step']``; ``False`` if saved already."""
+def save(manager, state, progress: dict[str, Any]) -> None:
+  """Saves at ``progress['global_step']``, unless saved there already."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  step = progress['global_step']
-  if step in manager.all_steps():
-    return False
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-      progress=ocp.args.JsonSave(progress)))
-  manager.wait_until_finished()
-  return True
+  if progress['global_step'] not in manager.all_steps():
+    manager.save(progress['global_step'], args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+        progress=ocp.args.JsonSave(progress)))
+    manager.wait_until_finished()
 
 
 def read_progress(manager, step: int) -> dict[str, Any]:
@@ -132,10 +125,8 @@ def open_for(directory: str, resume: bool, settings: dict[str, Any],
              data_sizes: dict[str, Any]):
   """Opens ``directory`` for a run; returns ``(manager, progress or None)``.
 
-  Raises:
-    UsageError: the directory holds checkpoints and ``resume`` is off, or
-      its checkpoint was written with other ``settings`` or data sizes
-      (the message names them).
+  Raises ``UsageError`` where the directory holds checkpoints and ``resume``
+  is off, or its checkpoint has other ``settings`` or data sizes.
   """
   manager = checkpoint_manager(directory)
   latest = manager.latest_step()
@@ -180,7 +171,6 @@ def resume_command(argv: Sequence[str]) -> str:
     skip = a == '--stop_after_steps'
     if not skip:
       args.append(a)
-  import shlex  # pylint: disable=import-outside-toplevel
   return shlex.join(['python', 'examples/train.py', *args, '--resume'])
 
 
@@ -192,9 +182,8 @@ class InterruptGuard:
   at once. Outside the main thread Ctrl-C is left as it is.
   """
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+  requested = False
+  _previous = None
 
   def _handle(self, signum, frame):
     del signum, frame

@@ -38,31 +38,14 @@ def load(path: str) -> dict[str, Any]:
 
 
 def labels(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-  """Short labels: the optimizer and the settings in which runs differ.
-
-  Args:
-    configs: the ``"config"`` of each run.
-
-  Returns:
-    One label per run, e.g. ``'proxbp proxbp_solver=cg3'``.
-  """
-  keys = sorted({k for c in configs for k in c} - set(_NOT_LABELS) -
-                {'optimizer'})
+  """A label per run's ``"config"``: the optimizer and the settings in
+  which the runs differ, e.g. ``'proxbp proxbp_solver=cg3'``."""
+  keys = sorted({k for c in configs for k in c} - {'optimizer', *_NOT_LABELS})
   differing = [k for k in keys
                if len({json.dumps(c.get(k)) for c in configs}) > 1]
-  out = []
-  for c in configs:
-    parts = [str(c.get('optimizer', '?'))]
-    parts += [f'{k}={c.get(k)}' for k in differing]
-    out.append(' '.join(parts))
-  return out
-
-
-def _series(metrics: Mapping[str, Any], key: str):
-  entries = ([metrics['initial']] if metrics.get('initial') else []) + list(
-      metrics['history'])
-  x = np.asarray([e[key] for e in entries], float)
-  return entries, x
+  return [' '.join([str(c.get('optimizer', '?')),
+                    *(f'{k}={c.get(k)}' for k in differing)])
+          for c in configs]
 
 
 def _values(entries, key):
@@ -72,13 +55,9 @@ def _values(entries, key):
 
 def plot(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
          title: str | None = None) -> None:
-  """Plots loss and accuracy against epochs and seconds to an image file.
-
-  Args:
-    runs: ``(label, metrics)`` pairs, ``metrics`` as written by ``train.py``.
-    path: the image file (its suffix picks the format, e.g. ``.png``).
-    title: the figure's title (default: dataset and model of the first run).
-  """
+  """Plots ``(label, metrics)`` pairs (``metrics`` as ``train.py`` writes
+  them) to the image file ``path`` (its suffix picks the format); the title
+  defaults to the first run's dataset and model."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -87,21 +66,19 @@ def plot(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (label, metrics) in enumerate(runs):
     color = colors[i % len(colors)]
+    entries = [metrics['initial']] if metrics.get('initial') else []
+    entries += metrics['history']
     for col, xkey in enumerate(('epoch', 'seconds')):
-      entries, x = _series(metrics, xkey)
       for row, what in enumerate(('loss', 'accuracy')):
-        ax = axes[row][col]
         for split, style in (('train', '-'), ('val', '--')):
-          ax.plot(x, _values(entries, f'{split}_{what}'), style, color=color,
-                  marker='.', label=f'{label} ({split})')
+          axes[row][col].plot(
+              _values(entries, xkey), _values(entries, f'{split}_{what}'),
+              style, color=color, marker='.', label=f'{label} ({split})')
   for col, xlabel in enumerate(('epoch', 'seconds in update steps')):
     for row, what in enumerate(('loss', 'accuracy')):
-      ax = axes[row][col]
-      ax.set_xlabel(xlabel)
-      ax.set_ylabel(what)
-      ax.grid(True, alpha=0.3)
-      if what == 'loss':
-        ax.set_yscale('log')
+      axes[row][col].set(xlabel=xlabel, ylabel=what,
+                         yscale='log' if what == 'loss' else 'linear')
+      axes[row][col].grid(True, alpha=0.3)
   axes[0][0].legend(fontsize='small')
   if title is None and runs:
     c = runs[0][1].get('config', {})
@@ -109,21 +86,13 @@ def plot(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
   if title:
     fig.suptitle(f'{title}: training (solid) and validation (dashed)')
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-  """Plots the metrics files named on the command line.
-
-  Args:
-    argv: arguments without the program name (default ``sys.argv[1:]``).
-
-  Returns:
-    The labels used.
-  """
+  """Plots the metrics files named in ``argv``; returns their labels."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('metrics', nargs='+', help='metrics files of train.py')
   parser.add_argument('--out', default='compare.png', help='the image file')

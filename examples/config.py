@@ -28,47 +28,17 @@ RESUME_SETTINGS = ('dataset', 'model', 'optimizer', 'learning_rate',
 # Settings a sweep refuses: it is not checkpointed.
 NOT_WITH_SWEEP = ('checkpoint_dir', 'resume', 'params_out',
                   'stop_after_steps')
+CHOICES = {'dataset': input_pipeline.DATASETS, 'model': models.MODELS,
+           'optimizer': tuple(optimizers.METHODS),
+           'proxbp_solver': optimizers.PROXBP_SOLVERS,
+           'proxbp_outer': optimizers.PROXBP_OUTERS}
 
 
 @dataclasses.dataclass
 class Config(optimizers.Hyperparameters):
-  """Settings of one run; the command-line flags have the same names.
-
-  Attributes:
-    dataset: one of ``input_pipeline.DATASETS``.
-    data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or
-      ``~/tensorflow_datasets``).
-    model: one of ``models.MODELS``.
-    optimizer: one of ``optimizers.METHODS``.
-    learning_rate: the optimizer's learning rate (SIBP: ``η``); ``None``
-      for the registry's default.
-    lambda_w, lambda_b: SIBP's ``λ_W``, ``λ_b`` (absolute, data term summed
-      over the batch).
-    inner_iterations: nonlinear CG steps per subproblem of ``sibp_paper``.
-    tau_prox: ProxBP's ``τ_prox``.
-    momentum: Nesterov momentum of ``nesterov`` and of ProxBP's default
-      outer step.
-    proxbp_solver: ``'exact'`` or ``'cgN'`` (N conjugate-gradient steps).
-    proxbp_outer: ``'nesterov'`` or ``'adam'``.
-    epochs: passes over the training set (0: evaluate only).
-    batch_size: examples per step.
-    seed: seed of the initial weights and of the batch order.
-    train_examples: train on the first this many training examples.
-    validation_examples: examples held out from the training split.
-    eval_batch_size: examples per evaluation batch (memory only).
-    mock_data: train on ``tfds.testing.mock_data`` with this many examples
-      per split.
-    metrics_out: JSON file rewritten after every epoch.
-    plot_out: image of loss and accuracy against epochs and seconds.
-    progress: show a progress bar per epoch.
-    checkpoint_dir: orbax checkpoints are written here after every epoch
-      and on Ctrl-C.
-    resume: continue from the latest checkpoint in ``checkpoint_dir``.
-    params_out: ``.npz`` file of the final model parameters.
-    stop_after_steps: for tests, act as a Ctrl-C after this many steps.
-    sweep: learning rates trained together in one vmapped program;
-      ``learning_rate`` must then be ``None``.
-  """
+  """Settings of one run, and flags of ``train.py`` (``--no_progress``),
+  by name; :data:`HELP` says what each one does. SIBP's inherited ``λ_W``,
+  ``λ_b`` are absolute: the data term is summed over the batch."""
 
   dataset: str = 'mnist'
   data_dir: str | None = None
@@ -90,6 +60,53 @@ class Config(optimizers.Hyperparameters):
   params_out: str | None = None
   stop_after_steps: int | None = None
   sweep: tuple[float, ...] | None = None
+
+
+# Each setting's help, in the order ``train.py --help`` lists them.
+HELP = {
+    'dataset': 'digits is bundled with scikit-learn (no download)',
+    'data_dir': 'TFDS data directory (default $TFDS_DATA_DIR or '
+                '~/tensorflow_datasets)',
+    'model': 'see examples/models.py',
+    'optimizer': 'sibp is the library default (linearized) variant',
+    'learning_rate': 'SIBP: the neuron step eta. Default per optimizer: '
+                     + ', '.join(f'{k} {m.learning_rate:g}'
+                                 for k, m in optimizers.METHODS.items())
+                     + ', proxbp_adam '
+                     f'{optimizers.PROXBP_ADAM_LEARNING_RATE:g} (proxbp '
+                     'with --proxbp_outer adam)',
+    'lambda_w': 'SIBP lambda_W', 'lambda_b': 'SIBP lambda_b',
+    'inner_iterations': 'sibp_paper: nonlinear CG iterations per subproblem',
+    'tau_prox': 'ProxBP tau_prox',
+    'momentum': 'Nesterov momentum (nesterov; proxbp with the nesterov '
+                'outer step)',
+    'proxbp_solver': 'exact, or N conjugate-gradient steps',
+    'proxbp_outer': "ProxBP's outer step",
+    'epochs': 'passes over the training set; 0: only prepare the data and '
+              'evaluate',
+    'batch_size': 'examples per step',
+    'seed': 'seed of the initial weights and the batch order',
+    'train_examples': 'train on the first N training examples (default all)',
+    'validation_examples': 'held out from the training split (a fifth when '
+                           'smaller)',
+    'eval_batch_size': 'examples per evaluation batch (memory only)',
+    'metrics_out': 'JSON metrics, rewritten after every epoch',
+    'plot_out': 'loss and accuracy against epochs and seconds',
+    'mock_data': 'train on tfds.testing.mock_data with N examples per split',
+    'progress': 'hide the progress bars',
+    'checkpoint_dir': 'orbax checkpoints of model and optimizer, written '
+                      'after every epoch and on Ctrl-C',
+    'resume': 'continue from the latest checkpoint in --checkpoint_dir '
+              '(same settings; --epochs may be raised)',
+    'params_out': 'the final model parameters',
+    'stop_after_steps': 'testing: act as a Ctrl-C after N steps of this run',
+    'sweep': 'train these learning rates in one vmapped program (no '
+             'checkpoints; --learning_rate must be unset); --metrics_out '
+             'gets one history per rate',
+}
+METAVARS = {'metrics_out': 'FILE.json', 'plot_out': 'FILE.png',
+            'mock_data': 'N', 'checkpoint_dir': 'DIR', 'params_out': 'FILE.npz',
+            'stop_after_steps': 'N', 'sweep': 'LR1,LR2,...'}
 
 
 def _methods(**changes) -> dict[str, tuple[str, dict[str, Any], Any]]:
@@ -121,17 +138,10 @@ def preset_settings(name: str) -> dict[str, Any]:
 
 
 def resolve(config: Config | Mapping[str, Any]) -> Config:
-  """Checks the settings and fills in the default learning rate.
+  """A new :class:`Config` of ``config`` (or of a dict of its fields).
 
-  Args:
-    config: a :class:`Config` or a dict of its fields.
-
-  Returns:
-    A new :class:`Config` whose ``learning_rate`` is set (``None`` for a
-    sweep).
-
-  Raises:
-    UsageError: a setting is unknown or out of range.
+  Its ``learning_rate`` is set (the default when ``None``; ``None`` for a
+  sweep). Raises ``UsageError`` for a setting unknown or out of range.
   """
   if isinstance(config, Config):
     config = dataclasses.replace(config)
@@ -141,11 +151,7 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
     if unknown:
       raise UsageError(f'unknown settings {unknown}; known: {sorted(fields)}')
     config = Config(**config)
-  choices = {'dataset': input_pipeline.DATASETS, 'model': models.MODELS,
-             'optimizer': tuple(optimizers.METHODS),
-             'proxbp_solver': optimizers.PROXBP_SOLVERS,
-             'proxbp_outer': optimizers.PROXBP_OUTERS}
-  for name, allowed in choices.items():
+  for name, allowed in CHOICES.items():
     if getattr(config, name) not in allowed:
       raise UsageError(f'{name}={getattr(config, name)!r}; expected one of '
                        f'{", ".join(allowed)}')
@@ -169,20 +175,17 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
         config.optimizer, config)
   positive = ('lambda_w', 'lambda_b', 'tau_prox', 'batch_size',
               'eval_batch_size', 'inner_iterations')
-  if config.sweep is None:
-    positive = ('learning_rate', *positive)
-  for name in positive:
-    if not getattr(config, name) > 0:
-      raise UsageError(f'{name} must be > 0, got {getattr(config, name)}')
-  if not 0 <= config.momentum < 1:
-    raise UsageError(f'momentum must be in [0, 1), got {config.momentum}')
-  if config.epochs < 0:
-    raise UsageError(f'epochs must be >= 0, got {config.epochs}')
+  ranges = {  # setting -> (whether a value is in range, the range)
+      **{name: (lambda v: v > 0, '> 0') for name in (
+          positive if config.sweep else ('learning_rate', *positive))},
+      'momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+      'epochs': (lambda v: v >= 0, '>= 0'),
+      'stop_after_steps': (lambda v: v is None or v >= 1, '>= 1')}
+  for name, (ok, what) in ranges.items():
+    if not ok(getattr(config, name)):
+      raise UsageError(f'{name} must be {what}, got {getattr(config, name)}')
   if config.mock_data is not None and config.dataset == 'digits':
     raise UsageError('--mock_data is for the TFDS datasets, not digits')
   if config.resume and not config.checkpoint_dir:
     raise UsageError('--resume needs --checkpoint_dir')
-  if config.stop_after_steps is not None and config.stop_after_steps < 1:
-    raise UsageError(f'stop_after_steps must be >= 1, got '
-                     f'{config.stop_after_steps}')
   return config

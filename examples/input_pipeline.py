@@ -2,10 +2,10 @@ r"""Datasets for the examples: train / validation / test arrays in memory.
 
 * ``mnist``, ``fashion_mnist``, ``cifar10`` come through TFDS's random-access
   ``tfds.data_source`` (array_record files, no TensorFlow needed to read
-  them). The validation set is held out from the training split: 5,000
-  images, the first 5,000 for the MNIST-like sets (as TensorFlow's classic
-  MNIST reader, whose split the SIBP authors' setting matches) and the last
-  5,000 for CIFAR-10 (45k / 5k, as in the ProxBP authors' code). Pixels:
+  them). The validation set is held out from the training split: the first
+  5,000 images for the MNIST-like sets (as TensorFlow's classic MNIST
+  reader, whose split the SIBP authors' setting matches), the last 5,000
+  for CIFAR-10 (45k / 5k, as in the ProxBP authors' code). Pixels:
   MNIST-like divided by 255 to ``[0, 1]``; CIFAR-10 divided by the maximum of
   the training images (no mean subtraction, no augmentation), as ProxBP.
 * ``digits``: scikit-learn's bundled 8×8 digits (pixels ``/16``), for
@@ -14,12 +14,11 @@ r"""Datasets for the examples: train / validation / test arrays in memory.
 * ``mock_data=N``: ``tfds.testing.mock_data`` with ``N`` random examples per
   split (for tests); shapes as the real dataset.
 
-When the validation size (default 5,000) is not below a fifth of the
-training split (digits, mock data), a fifth is held out instead.
-
-If a TFDS dataset is not prepared, it is downloaded and prepared (array_record
-format) once, which needs TensorFlow (``pip install ".[examples,prepare]"``
-brings ``tensorflow-cpu``) and internet. When that is impossible,
+Where the validation size (default 5,000) is not below a fifth of the
+training split (digits, mock data), a fifth is held out instead. A TFDS
+dataset not prepared yet is downloaded and prepared (array_record) once,
+which needs TensorFlow (``pip install ".[examples,prepare]"`` brings
+``tensorflow-cpu``) and internet; when that is impossible,
 :class:`DatasetUnavailableError` says what to run or which ``data_dir`` to
 pass.
 """
@@ -34,7 +33,6 @@ from typing import Any
 import numpy as np
 
 DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
-_TFDS = {'mnist', 'fashion_mnist', 'cifar10'}
 VALIDATION_EXAMPLES = 5000
 DIGITS_TEST_EXAMPLES = 360  # of 1,797
 _READ_CHUNK = 10_000
@@ -67,14 +65,10 @@ class Data:
             'classes': self.classes}
 
 
-def _default_data_dir(data_dir: str | None) -> str:
-  return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
-      '~/tensorflow_datasets')
-
-
 def _unavailable(name: str, data_dir: str | None, why: str,
                  what: str) -> DatasetUnavailableError:
-  where = _default_data_dir(data_dir)
+  where = data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
+      '~/tensorflow_datasets')
   return DatasetUnavailableError(
       f'Dataset {name!r} is not available in {where}: {why}\n{what}\n'
       f'Or pass --data_dir DIR of a TFDS data directory where {name} is '
@@ -92,8 +86,7 @@ def _prepare(builder, name: str, data_dir: str | None) -> None:
         'TensorFlow, which is not installed.',
         'Install it with `pip install ".[examples,prepare]"` (which '
         'brings tensorflow-cpu), then run the same command again to download '
-        'and '
-        'prepare it.') from None
+        'and prepare it.') from None
   print(f'Downloading and preparing {name} in {builder.data_dir} (once; '
         'without internet this fails after the downloader\'s retries, a few '
         'minutes).', flush=True)
@@ -137,13 +130,10 @@ def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
     raise DatasetUnavailableError(
         'Reading TFDS datasets needs tensorflow-datasets: '
         'pip install ".[examples]"') from None
-  if mock_data is not None:
-    if mock_data < 2:
-      raise ValueError(f'mock_data must be at least 2, got {mock_data}')
-    context = tfds.testing.mock_data(num_examples=mock_data)
-  else:
-    context = contextlib.nullcontext()
-  with context:
+  if mock_data is not None and mock_data < 2:
+    raise ValueError(f'mock_data must be at least 2, got {mock_data}')
+  with (contextlib.nullcontext() if mock_data is None else
+        tfds.testing.mock_data(num_examples=mock_data)):
     builder = tfds.builder(name, data_dir=data_dir,
                            file_format='array_record')
     if mock_data is None and not builder.is_prepared():
@@ -175,11 +165,8 @@ def _load_digits():
 
 def teacher_data(n: int, input_shape=(28, 28, 1), classes: int = 10,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """``n`` random images in [0, 1] labelled by a random linear teacher.
-
-  Unlike TFDS's mock data, the labels are learnable (for the benchmark's
-  tests).
-  """
+  """``n`` random images in [0, 1] labelled by a random linear teacher:
+  unlike TFDS's mock data, learnable labels (for the benchmark's tests)."""
   rng = np.random.default_rng(seed)
   d = int(np.prod(input_shape))
   x = rng.random((n, d)).astype(np.float32)
@@ -192,26 +179,14 @@ def load(name: str, data_dir: str | None = None, *,
          validation_examples: int = VALIDATION_EXAMPLES,
          train_examples: int | None = None,
          mock_data: int | None = None) -> Data:
-  """Loads a dataset as train / validation / test arrays.
+  """Loads one of :data:`DATASETS` as the module docstring says.
 
-  Args:
-    name: one of :data:`DATASETS`.
-    data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or
-      ``~/tensorflow_datasets``); unused for ``digits`` and mock data.
-    validation_examples: images held out from the training split (default
-      5,000; a fifth of the split when that is smaller).
-    train_examples: keep only the first this many training images (after
-      the validation set is held out); default all.
-    mock_data: use ``tfds.testing.mock_data`` with this many examples per
-      split instead of the real data (TFDS datasets only).
-
-  Returns:
-    A :class:`Data` with float32 images ``(n, H, W, C)`` and int32 labels.
-
-  Raises:
-    DatasetUnavailableError: the dataset is not prepared and cannot be
-      prepared here; the message says what to do.
-    ValueError: an unknown name or an impossible size.
+  ``data_dir`` (TFDS only; default ``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets``) holds the prepared dataset; the first
+  ``train_examples`` training images (default all) are kept after the
+  validation set is held out. Raises :class:`DatasetUnavailableError` (the
+  message says what to do), or ``ValueError`` for an unknown name or an
+  impossible size.
   """
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
@@ -235,14 +210,10 @@ def load(name: str, data_dir: str | None = None, *,
                        f'{len(x_train)} training images after holding out '
                        f'{n_val} for validation')
     x_train, y_train = x_train[:train_examples], y_train[:train_examples]
-  if name == 'digits':
-    scale = 1.0  # already /16
-  elif name == 'cifar10':
-    scale = float(x_train.max())  # ProxBP: the training maximum (255)
+  if name == 'cifar10':  # ProxBP: the training maximum (255; 0 for mock)
+    scale = float(x_train.max()) or 1.0
   else:
-    scale = 255.0
-  if scale <= 0:
-    scale = 1.0  # an all-zero (mock) training set
+    scale = 1.0 if name == 'digits' else 255.0  # digits: already /16
   prep = lambda x: (x.astype(np.float32) / np.float32(scale))
   return Data(name, prep(x_train), y_train, prep(x_val), y_val, prep(x_test),
               y_test, classes)

@@ -1,28 +1,22 @@
 r"""The networks of the SIBP and ProxBP papers' experiments, in ``flax.nnx``.
 
-Every model takes images ``(batch, height, width, channels)`` (or any array
-whose leading axis is the batch) and returns logits ``(batch, classes)``:
+Every model takes images ``(batch, height, width, channels)`` (the MLPs:
+any array whose leading axis is the batch) and returns logits ``(batch,
+classes)``; :func:`create_model` builds them by name:
 
-* ``paper_mlp``: the SIBP authors' network, ``input-500-10`` with ReLU,
-  weights and biases drawn from ``N(0, 0.05²)``.
-* ``proxprop_mlp``: the ProxBP authors' MLP, ``input-4000-1000-4000-10`` with
-  ReLU.
-* ``proxprop_convnet``: the ProxBP authors' ConvNet: three 5×5 convolutions
-  (zero padding 2) with 16, 20 and 20 channels, ReLU after each, 2×2 max-pool
-  after the first two, then ``Linear(20·(H/4)·(W/4) → classes)``; for
-  CIFAR-10 that is ``Linear(20·8·8 → 10)``.
+* ``paper_mlp``: the SIBP authors' network (:class:`PaperMLP`).
+* ``proxprop_mlp``, ``proxprop_convnet``: the ProxBP authors' MLP and
+  ConvNet (:class:`ProxPropMLP`, :class:`ProxPropConvNet`), with PyTorch's
+  default initialisation as in their code: weights and biases uniform in
+  ``±1/sqrt(fan_in)`` (``fan_in`` counts the kernel's window for a
+  convolution).
+* ``resnet20``: the CIFAR ResNet-20 of He et al. (2016) (:class:`ResNet20`).
+* ``residual_mlp``, ``residual_mlp_16``: :class:`ResidualMLP` with 4 or 16
+  blocks of width 256.
 
-The ProxBP models start from PyTorch's default initialisation, as in the
-ProxBP authors' code: weights and biases uniform in ``±1/sqrt(fan_in)``
-(``fan_in`` counts the kernel's window for a convolution).
-
-* ``resnet20``: the CIFAR ResNet-20 of He et al. (2016), with BatchNorm and
-  projection shortcuts (:class:`ResNet20`).
-* ``residual_mlp``, ``residual_mlp_16``: a residual MLP with LayerNorm, 4 or
-  16 blocks of width 256 (:class:`ResidualMLP`).
-
-The papers' models are chains of linear layers; the residual ones are not,
-and SIBP's paper variant (defined on chains) refuses them.
+The papers' models are chains of linear layers; the residual ones are not:
+the sweep over the graph (sibp_jax's linearized SIBP and ProxBP) trains
+them, and SIBP's paper variant (defined on chains) refuses them.
 """
 
 from __future__ import annotations
@@ -45,11 +39,8 @@ _torch_kernel_init = nnx.initializers.variance_scaling(
 def _torch_bias_init(fan_in: int) -> Callable:
   """PyTorch's default bias: uniform in ``±1/sqrt(fan_in)``."""
   bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
 
 
 def _torch_linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -105,21 +96,20 @@ class ProxPropConvNet(nnx.Module):
   """The ProxBP authors' ConvNet, adapted to the input's shape.
 
   ``conv5x5(16) → ReLU → pool → conv5x5(20) → ReLU → pool → conv5x5(20) →
-  ReLU → Linear(20·(H/4)·(W/4) → classes)``, convolutions with zero padding
-  2 (``'SAME'`` size), 2×2 max-pools with stride 2 (odd sizes are floored).
+  ReLU → Linear(20·(H/4)·(W/4) → classes)`` (CIFAR-10: ``20·8·8 → 10``),
+  convolutions with zero padding 2 (``'SAME'`` size), 2×2 max-pools with
+  stride 2 (odd sizes are floored).
   """
 
   def __init__(self, input_shape: Sequence[int] = (32, 32, 3),
                classes: int = 10, *, seed: int = 0):
     height, width, channels = input_shape
     rngs = nnx.Rngs(seed)
-    convs = []
-    for c_in, c_out in zip((channels, 16, 20), (16, 20, 20), strict=True):
-      convs.append(nnx.Conv(
-          c_in, c_out, kernel_size=(5, 5), padding=((2, 2), (2, 2)),
-          kernel_init=_torch_kernel_init,
-          bias_init=_torch_bias_init(c_in * 25), rngs=rngs))
-    self.convs = nnx.List(convs)
+    self.convs = nnx.List([nnx.Conv(
+        c_in, c_out, kernel_size=(5, 5), padding=((2, 2), (2, 2)),
+        kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(c_in * 25),
+        rngs=rngs)
+        for c_in, c_out in zip((channels, 16, 20), (16, 20, 20), strict=True)])
     features = 20 * (height // 2 // 2) * (width // 2 // 2)
     self.out = _torch_linear(features, classes, rngs)
 
@@ -129,48 +119,6 @@ class ProxPropConvNet(nnx.Module):
     x = jax.nn.relu(self.convs[2](x))
     return self.out(_flatten(x))
 
-
-MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet', 'resnet20',
-          'residual_mlp', 'residual_mlp_16')
-
-
-def create_model(name: str, input_shape: Sequence[int], classes: int, *,
-                 seed: int = 0) -> nnx.Module:
-  """Builds one of :data:`MODELS` for inputs of one example's shape.
-
-  Args:
-    name: ``'paper_mlp'``, ``'proxprop_mlp'``, ``'proxprop_convnet'``,
-      ``'resnet20'``, or ``'residual_mlp'`` (4 blocks of width 256;
-      ``'residual_mlp_16'``: 16 blocks).
-    input_shape: one example's shape, ``(height, width, channels)`` for
-      images; the MLPs take its product as their input width.
-    classes: number of classes (the width of the logits).
-    seed: seed of the initial weights.
-
-  Returns:
-    The model with its initial weights (the same seed gives the same ones).
-  """
-  input_shape = tuple(int(d) for d in input_shape)
-  if name == 'paper_mlp':
-    return PaperMLP(math.prod(input_shape), classes=classes, seed=seed)
-  if name == 'proxprop_mlp':
-    return ProxPropMLP(math.prod(input_shape), classes=classes, seed=seed)
-  if name == 'proxprop_convnet':
-    if len(input_shape) != 3:
-      raise ValueError('proxprop_convnet needs images (height, width, '
-                       f'channels), got examples of shape {input_shape}')
-    return ProxPropConvNet(input_shape, classes, seed=seed)
-  if name == 'resnet20':
-    return resnet20(input_shape, classes, seed=seed)
-  if name in ('residual_mlp', 'residual_mlp_16'):
-    return residual_mlp(input_shape, classes, seed=seed,
-                        blocks=16 if name.endswith('16') else 4)
-  raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')
-
-
-# Residual networks. Neither is a chain: the sweep over the graph
-# (sibp_jax's linearized SIBP and ProxBP) trains them; the SIBP paper
-# variant, defined on chains, refuses them.
 
 _he_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -182,11 +130,9 @@ def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 class _BasicBlock(nnx.Module):
-  """He et al.'s basic block: two 3×3 convs with BatchNorm, and a shortcut.
-
-  The shortcut is the identity, or a 1×1 convolution with BatchNorm (a
-  projection) where the stride or the width changes.
-  """
+  """He et al.'s basic block: two 3×3 convs with BatchNorm, and a shortcut:
+  the identity, or where the stride or the width changes a projection (a
+  1×1 convolution with BatchNorm)."""
 
   def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs):
     conv = lambda a, b, k, s: nnx.Conv(
@@ -209,17 +155,15 @@ class _BasicBlock(nnx.Module):
 
 
 class ResNet20(nnx.Module):
-  """The CIFAR ResNet-20 of He et al. (2016), in ``flax.nnx``.
+  """The CIFAR ResNet-20 of He et al. (2016) for images of any size.
 
   A 3×3 conv with 16 channels and BatchNorm, then 3 stages of 3 basic blocks
   with 16, 32 and 64 channels (stride 2 at the first block of the second
-  and third stage, with a 1×1 projection shortcut there), global average
+  and third stage, with a projection shortcut there), global average
   pooling and ``Linear(64 → classes)``: 19 convolutions and a dense layer
-  (plus 2 projections). Any image size works: for CIFAR-10's 32×32 the
-  stages run at 32, 16 and 8 pixels, for Fashion-MNIST's 28×28×1 at 28, 14
-  and 7. Convolutions have no bias (BatchNorm follows each) and He-normal
-  kernels. BatchNorm uses batch statistics in ``model.train()`` mode and
-  the running averages after ``model.eval()``.
+  (plus 2 projections), the convolutions without bias (BatchNorm follows
+  each) and with He-normal kernels. BatchNorm uses batch statistics in
+  ``model.train()`` mode and the running averages after ``model.eval()``.
   """
 
   def __init__(self, channels: int, classes: int = 10, *, seed: int = 0,
@@ -245,16 +189,6 @@ class ResNet20(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-def resnet20(input_shape: Sequence[int], classes: int, *,
-             seed: int = 0) -> ResNet20:
-  """ResNet-20 for images of ``input_shape = (height, width, channels)``."""
-  input_shape = tuple(int(d) for d in input_shape)
-  if len(input_shape) != 3:
-    raise ValueError('resnet20 needs images (height, width, channels), got '
-                     f'examples of shape {input_shape}')
-  return ResNet20(input_shape[-1], classes, seed=seed)
-
-
 class ResidualMLP(nnx.Module):
   """A residual MLP: ``Linear(d_in → width)``, then ``blocks`` pre-norm
   blocks ``h ← h + Linear(relu(LayerNorm(h)))`` (``width → width``), then
@@ -277,8 +211,29 @@ class ResidualMLP(nnx.Module):
     return self.head(jax.nn.relu(h))
 
 
-def residual_mlp(input_shape: Sequence[int], classes: int, *, blocks: int = 4,
-                 width: int = 256, seed: int = 0) -> ResidualMLP:
-  """A :class:`ResidualMLP` for examples of ``input_shape``."""
-  return ResidualMLP(math.prod(int(d) for d in input_shape), classes,
-                     blocks=blocks, width=width, seed=seed)
+MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet', 'resnet20',
+          'residual_mlp', 'residual_mlp_16')
+
+
+def create_model(name: str, input_shape: Sequence[int], classes: int, *,
+                 seed: int = 0) -> nnx.Module:
+  """One of :data:`MODELS` for examples of ``input_shape`` (images: ``(height,
+  width, channels)``; the MLPs flatten them), with ``classes`` logits and
+  the initial weights of ``seed``."""
+  input_shape = tuple(int(d) for d in input_shape)
+  d_in = math.prod(input_shape)
+  if name in ('proxprop_convnet', 'resnet20') and len(input_shape) != 3:
+    raise ValueError(f'{name} needs images (height, width, channels), got '
+                     f'examples of shape {input_shape}')
+  if name == 'paper_mlp':
+    return PaperMLP(d_in, classes=classes, seed=seed)
+  if name == 'proxprop_mlp':
+    return ProxPropMLP(d_in, classes=classes, seed=seed)
+  if name == 'proxprop_convnet':
+    return ProxPropConvNet(input_shape, classes, seed=seed)
+  if name == 'resnet20':
+    return ResNet20(input_shape[-1], classes, seed=seed)
+  if name in ('residual_mlp', 'residual_mlp_16'):
+    return ResidualMLP(d_in, classes, seed=seed,
+                       blocks=16 if name.endswith('16') else 4)
+  raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')

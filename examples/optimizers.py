@@ -2,10 +2,9 @@
 
 Each entry names an optax transformation factory, whether its update needs
 the layer-wise ``problems`` of ``sibp_jax.nnx.value_grad_and_problems``, the
-learning rate used when none is given, and the learning-rate grid of the
-reproduction (``examples/reproduce.py``) and of the benchmark's target
-section (``examples/benchmark.py``). ``train.py``, ``benchmark.py`` and
-``reproduce.py`` build every optimizer here.
+learning rate used when none is given, and the learning-rate grid that
+``reproduce.py`` and ``benchmark.py`` try; every example builds its
+optimizers here.
 
 * ``sibp`` / ``sibp_linearized``: ``sibp_jax.sibp``, the exact-ridge
   variant (the library default); ``sibp_paper``: the authors' nonlinear-CG
@@ -33,18 +32,11 @@ import sibp_jax
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """One registry entry.
+  """One registry entry (module docstring).
 
-  Attributes:
-    make: ``make(learning_rate, hp)`` returns the transformation; ``hp``
-      holds the hyperparameters by name (``lambda_w``, ``lambda_b``,
-      ``inner_iterations``, ``tau_prox``, ``momentum``, ``proxbp_solver``,
-      ``proxbp_outer``), as :class:`config.Config` does.
-    needs_problems: whether ``update`` needs ``problems=``.
-    learning_rate: the default learning rate.
-    grid: the learning rates the reproduction and the benchmark try.
-    eval_params: ``eval_params(opt_state, params)``: the parameters to
-      evaluate (``None``: the trained ones).
+  ``make(learning_rate, hp)`` gets the other hyperparameters by name, as
+  :class:`Hyperparameters` holds them; ``eval_params(opt_state, params)``
+  gives the parameters to evaluate (``None``: the trained ones).
   """
 
   make: Callable[[float, Any], optax.GradientTransformation]
@@ -136,9 +128,3 @@ def create(name: str, learning_rate: float | None = None,
   if learning_rate is None:
     learning_rate = default_learning_rate(name, hp)
   return METHODS[name].make(learning_rate, hp)
-
-
-def injectable(name: str, hp: Any = None):
-  """``optax.inject_hyperparams`` of ``name``: the rate becomes state."""
-  return optax.inject_hyperparams(lambda learning_rate: create(
-      name, learning_rate, hp))

@@ -1,17 +1,15 @@
 r"""Reproduces the SIBP and ProxBP papers' comparisons with examples/train.py.
 
-Each setting (a preset of ``examples/config.py``) runs every method over
-its learning-rate grid (``examples/optimizers.py``) and several seeds,
-writes one metrics file per run into ``--out_dir`` (finished runs of the
-same settings are skipped, so an interrupted reproduction continues), and
-prints a markdown table: for each method its best learning rate from the
-grid (by the mean final training loss over seeds, the quantity both papers
-plot; a rate with a non-finite loss is never the best), with the final
-training loss, test accuracy and update seconds as mean ± standard
-deviation over seeds. ``--plot_out`` draws the best runs of seed 0. The
-settings are described in ``docs/experiments.md``.
-
-Run (``DIR`` a TFDS data directory holding the dataset)::
+Each setting (a preset of ``examples/config.py``, described in
+``docs/experiments.md``) runs every method over its learning-rate grid
+(``examples/optimizers.py``) and several seeds, writes one metrics file per
+run into ``--out_dir`` (finished runs of the same settings are skipped, so
+an interrupted reproduction continues), and prints a markdown table: for
+each method its best learning rate from the grid (by the mean final
+training loss over seeds, the quantity both papers plot; never a rate with
+a non-finite loss), with the final training loss, test accuracy and update
+seconds as mean ± standard deviation over seeds. ``--plot_out`` draws the
+best runs of seed 0. ``DIR`` is a TFDS data directory holding the dataset::
 
   python examples/reproduce.py --setting sibp --dataset fashion_mnist \
       --data_dir DIR --out_dir runs/sibp --plot_out sibp.png
@@ -34,12 +32,6 @@ import config as config_lib
 import input_pipeline
 import optimizers
 import train
-
-GRIDS = config_lib.PRESETS  # the settings, by name
-
-
-def run_name(method: str, lr: float, seed: int) -> str:
-  return f'{method}_lr{lr:g}_seed{seed}'
 
 
 def _is_done(path: str, settings: dict[str, Any], epochs: int) -> bool:
@@ -69,7 +61,7 @@ def run_all(setting: str, *, dataset: str, data_dir: str | None,
       rates = [rates[len(rates) // 2]]
     for lr in rates:
       for seed in seeds:
-        path = os.path.join(out_dir, run_name(method, lr, seed) + '.json')
+        path = os.path.join(out_dir, f'{method}_lr{lr:g}_seed{seed}.json')
         paths.append(path)
         settings = dict(
             config_lib.preset_settings(setting), dataset=dataset,
@@ -109,34 +101,32 @@ def summarize(paths: Sequence[str]) -> tuple[str, dict[str, Any]]:
   for name, b in sorted(best.items(), key=lambda kv: kv[1]['key']):
     grid = ', '.join(f'{lr:g}' for lr in sorted(
         lr for (n, lr) in runs if n == name))
-    cells = []
-    for key in ('train_loss', 'test_accuracy', 'seconds'):
-      values = np.array([_final(m, key) for m in b['runs']])
-      cells.append(f'{values.mean():.4f} ± {values.std():.4f}')
-    lines.append(f'| {name} | {b["lr"]:g} ({grid}) | ' + ' | '.join(cells)
+    values = [np.array([_final(m, key) for m in b['runs']])
+              for key in ('train_loss', 'test_accuracy', 'seconds')]
+    lines.append(f'| {name} | {b["lr"]:g} ({grid}) | ' + ' | '.join(
+        f'{v.mean():.4f} ± {v.std():.4f}' for v in values)
                  + f' | {len(b["runs"])} |')
   return '\n'.join(lines), best
 
 
 def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--setting', choices=sorted(GRIDS), default='sibp')
-  parser.add_argument('--dataset', default='mnist')
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--out_dir', required=True)
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--methods', default=None,
-                      help='comma-separated subset (default all)')
-  parser.add_argument('--epochs', type=int, default=None,
-                      help="override the setting's epochs")
-  parser.add_argument('--train_examples', type=int, default=None)
-  parser.add_argument('--middle_rate_only', action='store_true',
-                      help="only each grid's middle learning rate (the "
-                      "papers' setting), for settings too costly to tune")
-  parser.add_argument('--plot_out', default=None)
+  add = parser.add_argument
+  add('--setting', choices=sorted(config_lib.PRESETS), default='sibp')
+  add('--dataset', default='mnist')
+  add('--data_dir', default=None)
+  add('--out_dir', required=True)
+  add('--seeds', default='0,1,2')
+  add('--methods', default=None, help='comma-separated subset (default all)')
+  add('--epochs', type=int, default=None, help="override the setting's epochs")
+  add('--train_examples', type=int, default=None)
+  add('--middle_rate_only', action='store_true',
+      help="only each grid's middle learning rate (the papers' setting), for "
+      'settings too costly to tune')
+  add('--plot_out', default=None)
   args = parser.parse_args(argv)
   methods = (args.methods.split(',') if args.methods else
-             list(GRIDS[args.setting]['methods']))
+             list(config_lib.PRESETS[args.setting]['methods']))
   try:
     paths = run_all(args.setting, dataset=args.dataset,
                     data_dir=args.data_dir, out_dir=args.out_dir,

@@ -32,13 +32,11 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
 
 
 def make_step(graphdef, needs_problems: bool) -> Callable:
-  """The pure step ``(state, x, y) -> (state, stats)``.
+  """The pure step ``(state, x, y) -> (state, stats)``, for :func:`jit`.
 
   ``stats`` holds the batch's ``loss`` and ``accuracy`` (before the
   update) and ``skipped``: whether SIBP / ProxBP flagged the step as not
-  finite and left the parameters as they were (always ``False`` for the
-  first-order methods). Wrap it with :func:`jit` (one run) or :func:`jit`
-  with ``runs`` (K stacked runs).
+  finite and left the parameters as they were (first-order methods: never).
   """
 
   def step(state, x, y):
@@ -103,9 +101,8 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
     # zero padding): the model as it is used after training.
     model.eval()
     if eval_params is not None:
-      params = nnx.as_pure(nnx.state(model, nnx.Param))
       nnx.update(model, eval_params(nnx.as_pure(optimizer.opt_state),
-                                    params))
+                                    nnx.as_pure(nnx.state(model, nnx.Param))))
     logits = model(x)
     return (jnp.sum(weight * LOSS(logits, y)),
             jnp.sum(weight * (jnp.argmax(logits, axis=-1) == y)))
@@ -114,8 +111,8 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
                  else sums)
 
   def evaluate(state, x, y):
-    n, total = len(x), 0.0
-    for start in range(0, n, batch_size):
+    total = 0.0
+    for start in range(0, len(x), batch_size):
       xb, yb = x[start:start + batch_size], y[start:start + batch_size]
       pad = batch_size - len(xb)
       weight = jnp.concatenate([jnp.ones(len(xb)), jnp.zeros(pad)])
@@ -124,7 +121,7 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
       total = total + np.stack(
           [np.asarray(s, np.float64) for s in sums(state, xb, yb, weight)],
           axis=-1)
-    return [tuple(float(v) / n for v in row)
+    return [tuple(float(v) / len(x) for v in row)
             for row in np.reshape(total, (-1, 2))]
 
   return evaluate
@@ -132,13 +129,9 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int,
                   epoch: int) -> np.ndarray:
-  """Indices of one epoch's shuffled batches: a function of seed and epoch.
-
-  The last partial batch is dropped, so every step has the same shape.
-
-  Returns:
-    An int array of shape ``(num_examples // batch_size, batch_size)``.
-  """
+  """Indices ``(num_examples // batch_size, batch_size)`` of one epoch's
+  shuffled batches, a function of seed and epoch; the last partial batch is
+  dropped, so every step has the same shape."""
   steps = num_examples // batch_size
   if steps == 0:
     raise ValueError(f'batch_size={batch_size} is larger than the training '
@@ -148,12 +141,9 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int,
 
 
 def compile_on_copy(step: Callable, state, x, y, times: int = 2) -> None:
-  """Compiles ``step`` on a throwaway copy of ``state``.
-
-  Twice by default: the first step's output may differ from the initial
-  state in weak types. The timed steps then exclude compilation and the
-  run starts untouched.
-  """
+  """Compiles ``step`` on a throwaway copy of ``state``, so that timed steps
+  exclude compilation and the run starts untouched. Twice by default: the
+  first step's output may differ from the initial state in weak types."""
   warm = jax.tree.map(jnp.copy, state)
   for _ in range(times):
     warm = step(warm, x, y)[0]
@@ -161,11 +151,8 @@ def compile_on_copy(step: Callable, state, x, y, times: int = 2) -> None:
 
 
 def timed_step(step: Callable, state, x, y) -> tuple[Any, Any, float]:
-  """One step; returns ``(state, stats, seconds)``.
-
-  The batch is on the device before the clock starts; the clock stops when
-  the new state is ready.
-  """
+  """One step; returns ``(state, stats, seconds)``, timed from the batch on
+  the device to the new state ready."""
   x, y = jax.block_until_ready((x, y))
   start = time.perf_counter()
   state, stats = step(state, x, y)

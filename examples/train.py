@@ -1,12 +1,8 @@
 r"""One training script for every experiment: a model, an optimizer, a dataset.
 
-Trains a network of ``models.py`` with an optimizer of ``optimizers.py``
-(SIBP, ProxBP or a first-order baseline) on a dataset of
-``input_pipeline.py``, with the settings of ``config.py`` (flags of the same
-names, ``--preset`` for the papers' settings). After every epoch it records
-the full training-set loss and accuracy, the validation and test loss and
-accuracy, and the cumulative seconds spent in update steps alone
-(compilation and evaluation excluded)::
+Trains a network of ``models.py`` with an optimizer of ``optimizers.py`` on
+a dataset of ``input_pipeline.py``, with the settings of ``config.py``
+(flags of the same names, ``--preset`` for the papers' settings)::
 
   python examples/train.py --dataset mnist --optimizer sibp --epochs 5 \
       --metrics_out sibp.json --plot_out sibp.png
@@ -18,8 +14,9 @@ The defaults are the SIBP authors' run (MNIST, ``paper_mlp``, batch 100,
 5 epochs, ``η = 0.1``, ``λ_W = λ_b = 1``) with the library's default
 (linearized) SIBP. Batches are a seeded permutation per epoch, a function of
 ``(seed, epoch)``; the last partial batch is dropped so the step compiles
-once. ``--metrics_out FILE.json`` is rewritten atomically after every
-epoch::
+once. After every epoch ``--metrics_out FILE.json`` is rewritten atomically
+with the full training-set, validation and test loss and accuracy, and the
+cumulative seconds in update steps alone (no compilation, no evaluation)::
 
   {"config": {...}, "data": {...}, "device": "...", "initial": {...},
    "history": [{"epoch", "train_loss", "train_accuracy", "val_loss",
@@ -34,11 +31,11 @@ and optimizer with orbax after every epoch; Ctrl-C saves after the step
 under way and exits with status 130 and the command that resumes;
 ``--resume`` continues at exactly the next step, bitwise equal to an
 uninterrupted run on one machine, and refuses a checkpoint of other
-settings. ``--sweep LR1,LR2,...`` trains one
-run per learning rate in ONE program (the same step under ``jax.vmap``);
+settings. ``--sweep LR1,LR2,...`` trains one run per learning rate in ONE
+program (the same step under ``jax.vmap``; not checkpointed);
 ``--metrics_out`` then holds ``{"config", "data", "device", "sweep": [one
-metrics dict per rate]}``, whose ``seconds`` are the whole sweep's. A sweep
-is not checkpointed. ``docs/experiments.md`` shows all of it in use.
+metrics dict per rate]}``, whose ``seconds`` are the whole sweep's.
+``docs/experiments.md`` shows all of it in use.
 """
 
 from __future__ import annotations
@@ -54,9 +51,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm import tqdm
 
 import checkpoints
+import config as config_lib
 import input_pipeline
 import models
 import optimizers
@@ -64,13 +63,9 @@ import steps
 from checkpoints import INTERRUPTED_STATUS
 from checkpoints import Interrupted
 from checkpoints import UsageError
-from config import PRESETS
-from config import RESUME_SETTINGS
 from config import Config
-from config import preset_settings
-from config import resolve
 
-OPTIMIZERS = tuple(optimizers.METHODS)
+OPTIMIZERS = config_lib.CHOICES['optimizer']
 
 
 def load_data(config: Config):
@@ -93,26 +88,20 @@ def create_state(config: Config, data: input_pipeline.Data):
   """``(graphdef, state)``: the model and optimizer, K stacked for a sweep."""
   model = models.create_model(config.model, data.input_shape, data.classes,
                               seed=config.seed)
+  make = lambda learning_rate: optimizers.create(config.optimizer,
+                                                 learning_rate, config)
   if config.sweep is None:
-    return steps.init_state(model, optimizers.create(
-        config.optimizer, config.learning_rate, config))
-  tx = optimizers.injectable(config.optimizer, config)(
-      learning_rate=config.sweep[0])
+    return steps.init_state(model, make(config.learning_rate))
+  tx = optax.inject_hyperparams(make)(learning_rate=config.sweep[0])
   graphdef, state = steps.init_state(model, tx)
   return graphdef, steps.stack_learning_rates(state, config.sweep)
 
 
-def _finite_or_none(value: float) -> float | None:
-  return value if math.isfinite(value) else None
-
-
 def _summary(entry: dict[str, Any]) -> str:
   fmt = lambda v: 'nan' if v is None else f'{v:.4f}'
-  parts = [f'epoch {entry["epoch"]:3d}']
-  for split in ('train', 'val', 'test'):
-    parts.append(f'{split} loss {fmt(entry[split + "_loss"])} '
-                 f'acc {fmt(entry[split + "_accuracy"])}')
-  parts.append(f'update s {entry["seconds"]:.2f}')
+  parts = [f'epoch {entry["epoch"]:3d}', *(
+      f'{s} loss {fmt(entry[s + "_loss"])} acc {fmt(entry[s + "_accuracy"])}'
+      for s in ('train', 'val', 'test')), f'update s {entry["seconds"]:.2f}']
   if entry.get('train_examples_per_second'):
     parts.append(f'{entry["train_examples_per_second"]:.0f} ex/s')
   if entry.get('skipped_steps'):
@@ -136,25 +125,16 @@ class Position:
 
 
 def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
-  """Trains and evaluates one run (or a sweep); returns its metrics.
+  """Trains and evaluates one run (or a sweep) of ``config`` (a
+  :class:`Config` or a dict of its fields); returns the metrics of the
+  module docstring.
 
-  Args:
-    config: a :class:`Config` or a dict of its fields.
-
-  Returns:
-    ``{"config", "data", "device", "initial", "history"}`` as described in
-    the module docstring (a sweep: ``{"config", "data", "device",
-    "sweep"}``).
-
-  Raises:
-    UsageError: a setting or a size that cannot work, or a checkpoint
-      written with other settings.
-    input_pipeline.DatasetUnavailableError: the dataset cannot be had here.
-    Interrupted: Ctrl-C (or ``stop_after_steps``) stopped training between
-      two steps, after the state was checkpointed (with a
-      ``checkpoint_dir``).
+  Raises ``UsageError`` (a setting or size that cannot work, or a checkpoint
+  of other settings), ``input_pipeline.DatasetUnavailableError``, or
+  :class:`Interrupted` (Ctrl-C or ``stop_after_steps`` between two steps,
+  after saving a checkpoint where there is a ``checkpoint_dir``).
   """
-  config = resolve(config)
+  config = config_lib.resolve(config)
   data, sizes = load_data(config)
   graphdef, state = create_state(config, data)
   runs = config.sweep is not None
@@ -169,7 +149,7 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   def evaluate_all(epoch: int, **extra) -> list[dict[str, Any]]:
     per_split = {k: evaluate(state, *xy) for k, xy in splits.items()}
     return [{'epoch': epoch, **{
-        f'{k}_{what}': _finite_or_none(values[r][i])
+        f'{k}_{what}': (values[r][i] if math.isfinite(values[r][i]) else None)
         for k, values in per_split.items()
         for i, what in enumerate(('loss', 'accuracy'))}, **extra}
             for r in range(len(config.sweep or (None,)))]
@@ -288,7 +268,7 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resume_settings(config: Config) -> dict[str, Any]:
-  return {name: getattr(config, name) for name in RESUME_SETTINGS}
+  return {name: getattr(config, name) for name in config_lib.RESUME_SETTINGS}
 
 
 def _progress(config, at: Position, per_epoch: int, metrics) -> dict:
@@ -329,86 +309,40 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-  """Parses the command line (``argv`` without the program name)."""
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n')[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  add = parser.add_argument
-  add('--preset', choices=sorted(PRESETS), default=None,
-      help="a paper's setting (model, batch size, epochs); flags override")
+  """Parses ``argv``: a flag per :class:`Config` field (``config.HELP``),
+  whose default is the ``--preset``'s or the field's."""
   first = argparse.ArgumentParser(add_help=False)
-  first.add_argument('--preset', choices=sorted(PRESETS), default=None)
+  first.add_argument('--preset', choices=sorted(config_lib.PRESETS),
+                     help="a paper's setting (model, batch size, epochs); "
+                     'flags override')
   preset = first.parse_known_args(argv)[0].preset
-  d = Config(**(preset_settings(preset) if preset else {}))
-  add('--dataset', choices=input_pipeline.DATASETS, default=d.dataset,
-      help='digits is bundled with scikit-learn (no download)')
-  add('--data_dir', default=d.data_dir,
-      help='TFDS data directory (default $TFDS_DATA_DIR or '
-      '~/tensorflow_datasets)')
-  add('--model', choices=models.MODELS, default=d.model,
-      help='see examples/models.py')
-  add('--optimizer', choices=OPTIMIZERS, default=d.optimizer,
-      help='sibp is the library default (linearized) variant')
-  defaults = ', '.join(f'{k} {m.learning_rate:g}'
-                       for k, m in optimizers.METHODS.items())
-  add('--learning_rate', type=float, default=None,
-      help=f'SIBP: the neuron step eta. Default per optimizer: {defaults}, '
-      f'proxbp_adam {optimizers.PROXBP_ADAM_LEARNING_RATE:g} (proxbp with '
-      '--proxbp_outer adam)')
-  add('--lambda_w', type=float, default=d.lambda_w, help='SIBP lambda_W')
-  add('--lambda_b', type=float, default=d.lambda_b, help='SIBP lambda_b')
-  add('--inner_iterations', type=int, default=d.inner_iterations,
-      help='sibp_paper: nonlinear CG iterations per subproblem')
-  add('--tau_prox', type=float, default=d.tau_prox, help='ProxBP tau_prox')
-  add('--momentum', type=float, default=d.momentum,
-      help='Nesterov momentum (nesterov; proxbp with the nesterov outer step)')
-  add('--proxbp_solver', choices=optimizers.PROXBP_SOLVERS,
-      default=d.proxbp_solver, help='exact, or N conjugate-gradient steps')
-  add('--proxbp_outer', choices=optimizers.PROXBP_OUTERS,
-      default=d.proxbp_outer)
-  add('--epochs', type=int, default=d.epochs,
-      help='0: only prepare the data and evaluate')
-  add('--batch_size', type=int, default=d.batch_size)
-  add('--seed', type=int, default=d.seed,
-      help='seed of the initial weights and the batch order')
-  add('--train_examples', type=int, default=d.train_examples,
-      help='train on the first N training examples (default all)')
-  add('--validation_examples', type=int, default=d.validation_examples,
-      help='held out from the training split (a fifth when smaller)')
-  add('--eval_batch_size', type=int, default=d.eval_batch_size)
-  add('--metrics_out', metavar='FILE.json', default=None,
-      help='JSON metrics, rewritten after every epoch')
-  add('--plot_out', metavar='FILE.png', default=None,
-      help='loss and accuracy against epochs and seconds')
-  add('--mock_data', metavar='N', type=int, default=None,
-      help='train on tfds.testing.mock_data with N examples per split')
-  add('--no_progress', dest='progress', action='store_false',
-      help='hide the progress bars')
-  add('--checkpoint_dir', metavar='DIR', default=None,
-      help='orbax checkpoints of model and optimizer, written after every '
-      'epoch and on Ctrl-C')
-  add('--resume', action='store_true',
-      help='continue from the latest checkpoint in --checkpoint_dir (same '
-      'settings; --epochs may be raised)')
-  add('--params_out', metavar='FILE.npz', default=None,
-      help='the final model parameters')
-  add('--stop_after_steps', metavar='N', type=int, default=None,
-      help='testing: act as a Ctrl-C after N steps of this run')
-  add('--sweep', metavar='LR1,LR2,...', type=_rates, default=None,
-      help='train these learning rates in one vmapped program (no '
-      'checkpoints); --metrics_out gets one history per rate')
+  defaults = Config(**(config_lib.preset_settings(preset) if preset else {}))
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n')[0], parents=[first],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  kinds = {f.name: f.type.split(' |')[0] for f in dataclasses.fields(Config)}
+  for name, text in config_lib.HELP.items():
+    default = getattr(defaults, name)
+    if kinds[name] == 'bool':  # --name, or --no_name where it is on
+      parser.add_argument(('--no_' if default else '--') + name, dest=name,
+                          action=f'store_{not default}'.lower(), help=text)
+      continue
+    parser.add_argument(
+        '--' + name, default=default, help=text,
+        choices=config_lib.CHOICES.get(name),
+        metavar=config_lib.METAVARS.get(name),
+        type={'str': str, 'int': int, 'float': float}.get(kinds[name],
+                                                          _rates))
   args = vars(parser.parse_args(argv))
   del args['preset']
   return Config(**args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Runs :func:`train_and_evaluate` from the command line.
-
-  A setting that cannot work, a dataset that cannot be had or Ctrl-C ends
-  the program with a message (``SystemExit``), not a traceback; after
-  Ctrl-C with status 130, having printed the command that resumes.
-  """
+  """Runs :func:`train_and_evaluate` from the command line: a setting that
+  cannot work, a dataset that cannot be had or Ctrl-C ends it with a
+  message, not a traceback (Ctrl-C: status 130 and the command that
+  resumes)."""
   config = parse_args(argv)
   try:
     return train_and_evaluate(config)
