@@ -199,8 +199,9 @@ def load(name: str, data_dir: str | None = None, *,
                                                            mock_data)
   n_val = min(validation_examples, len(x_train) // 5)
   if name == 'cifar10':  # ProxBP: the last 5,000 training images.
-    x_train, x_val = x_train[:-n_val], x_train[-n_val:]
-    y_train, y_val = y_train[:-n_val], y_train[-n_val:]
+    cut = len(x_train) - n_val  # (x[:-n_val] is empty for n_val = 0)
+    x_train, x_val = x_train[:cut], x_train[cut:]
+    y_train, y_val = y_train[:cut], y_train[cut:]
   else:  # MNIST-like (and digits): the first ones.
     x_val, x_train = x_train[:n_val], x_train[n_val:]
     y_val, y_train = y_train[:n_val], y_train[n_val:]
