@@ -13,10 +13,9 @@ entry of ``examples/optimizers.py`` and trains with the one step of
   and XLA's count of its floating-point operations (``cost_analysis()``; a
   loop body counts once, so line searches are undercounted), as ratios to
   Adam's.
-* ``--section epoch``: one epoch of ``paper_mlp`` at batch 100 with the same
-  initial weights and batches for every method, each at its registry
-  learning rate; the full training-set loss after the epoch and the seconds
-  spent in update steps.
+* ``--section epoch``: one epoch of ``paper_mlp`` at batch 100, every method
+  from the same initial weights on the same batches at its registry
+  learning rate: the full training loss after it, and the update seconds.
 * ``--section target``: Adam trains ``--target_epochs`` (3) epochs; its
   full training loss is the target. Every method, at its best learning
   rate, trains at most ``--max_epochs`` (6) epochs on the same batches, the
@@ -39,8 +38,8 @@ entry of ``examples/optimizers.py`` and trains with the one step of
 
 Data: Fashion-MNIST's 60,000 training images (``--data_dir``), or
 ``--mock_data N`` synthetic images labelled by a random linear teacher.
-``docs/performance.md`` has the commands and their results.
 ``--quick`` runs a reduced version of every section with the same keys.
+``docs/performance.md`` has the commands and their results.
 """
 
 from __future__ import annotations
@@ -186,8 +185,7 @@ def train_curve(name: str, x, y, learning_rate: float | None, *,
   return curve
 
 
-def one_epoch(methods: Sequence[str], x, y, batch: int = 100,
-              seed: int = 0,
+def one_epoch(methods: Sequence[str], x, y, batch: int = 100, seed: int = 0,
               rates: dict[str, float] | None = None) -> dict[str, Any]:
   """Training loss after one epoch at ``rates[name]`` (default: the
   registry's), from the same initial weights on the same batches."""
@@ -207,12 +205,9 @@ def vmapped_runs(name: str, x, y, rates: Sequence[float], batch: int = 100,
                  seed: int = 0, epochs: int = 1,
                  sweep: Callable[[Any, Any], Any] | None = None,
                  learning_rate: float | None = None):
-  """K runs of ``epochs`` epochs, one per value, as ONE compiled program.
-
-  ``rates`` are learning rates, or values of ``sweep(hp, value) -> hp``
-  (every run then at ``learning_rate``). Returns ``(trainer, final stacked
-  state, seconds with compilation)``.
-  """
+  """``(trainer, final stacked state, seconds with compilation)`` of K runs
+  of ``epochs`` epochs as ONE compiled program, one per learning rate, or
+  per value of ``sweep(hp, value) -> hp`` (all then at ``learning_rate``)."""
   t = Trainer(name, 'paper_mlp', x, seed, learning_rate, rates=rates,
               sweep=sweep)
   xs, ys = jnp.asarray(x), jnp.asarray(y)
@@ -230,18 +225,12 @@ def vmapped_runs(name: str, x, y, rates: Sequence[float], batch: int = 100,
 
 def best_learning_rates(methods: Sequence[str], x, y, table: str | None,
                         seed: int = 0) -> dict[str, dict[str, Any]]:
-  """Each method's learning rate for the target section, and its source.
-
-  With ``table`` (of ``examples/reproduce.py``), its row's (``proxbp_cg3``:
-  ``proxbp``'s; no row: an error), else the best of the registry grid.
-  """
-  rows = {}
-  if table:
-    with open(table) as f:
-      for line in f:
-        m = re.match(r'\|\s*(\w+)\s*\|\s*([\d.e+-]+)\s*\(([^)]*)\)', line)
-        if m:
-          rows[m.group(1)] = float(m.group(2))
+  """Each method's learning rate for the target section, and its source:
+  the row's of ``table`` (of ``examples/reproduce.py``; ``proxbp_cg3``:
+  ``proxbp``'s; no row: an error), else the best of the registry grid."""
+  row = re.compile(r'\|\s*(\w+)\s*\|\s*([\d.e+-]+)\s*\(([^)]*)\)')
+  lines = pathlib.Path(table).read_text().splitlines() if table else []
+  rows = {m.group(1): float(m.group(2)) for m in map(row.match, lines) if m}
   out = {}
   for name in methods:
     key = 'proxbp' if name == 'proxbp_cg3' and name not in rows else name
@@ -278,12 +267,10 @@ def time_to_target(methods: Sequence[str], x, y, rates: dict[str, Any],
     hit = next((c for c in curve if c[2] <= target), None)
     results[name] = {
         'learning_rate': rates[name]['learning_rate'],
-        'rate_source': rates[name]['source'],
-        'reached': hit is not None,
+        'rate_source': rates[name]['source'], 'reached': hit is not None,
         'epochs': None if hit is None else round(hit[0], 3),
         'update_seconds': None if hit is None else hit[1],
-        'final_loss': curve[-1][2] if math.isfinite(curve[-1][2]) else None,
-    }
+        'final_loss': curve[-1][2] if math.isfinite(curve[-1][2]) else None}
   for row in results.values():
     for key in ('epochs', 'update_seconds'):
       row[key + '_ratio_to_adam'] = _ratio(row[key], results['adam'][key])
@@ -492,7 +479,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   add = parser.add_argument
   names = lambda text: [v for v in text.split(',') if v]
-  add('--section', dest='sections', type=names, default='step',
+  add('--section', type=names, default='step',
       help='comma-separated: step, epoch, target, robustness, or all '
       '(default step)')
   add('--methods', type=names, default=','.join(METHODS),
@@ -526,8 +513,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add('--json', default=None, help='write results here')
   add('--markdown', default=None, help='write the markdown tables here')
   args = parser.parse_args(argv)
-  if 'all' in args.sections:
-    args.sections = list(SECTIONS)
+  if 'all' in args.section:
+    args.section = list(SECTIONS)
   try:
     args.learning_rates = {k: float(v) for k, v in (
         item.split('=') for item in args.learning_rates.split(',') if item)}
@@ -535,7 +522,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error(f'--learning_rates: expected NAME=LR,..., got '
                  f'{args.learning_rates!r}')
   for what, got, known in (
-      ('sections', args.sections, SECTIONS),
+      ('sections', args.section, SECTIONS),
       ('methods', [*args.methods, *args.learning_rates], METHODS),
       ('models', args.models, STEP_MODELS)):
     if set(got) - set(known):
@@ -551,10 +538,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  methods, sections = args.methods, args.sections
+  methods, sections = args.methods, args.section
   out: dict[str, Any] = {
-      'device': jax.devices()[0].device_kind,
-      'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
       'openblas_num_threads': os.environ.get('OPENBLAS_NUM_THREADS'),
       'quick': args.quick, 'argv': list(argv) if argv is not None else None}
   print(f'# device: {out["device"]} ({out["backend"]}), '

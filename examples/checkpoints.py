@@ -32,12 +32,9 @@ class UsageError(ValueError):
 
 
 class Interrupted(KeyboardInterrupt):
-  """Training stopped by Ctrl-C (or ``stop_after_steps``) between steps.
-
-  ``message`` says what happened and how to resume; ``checkpoint_step`` is
-  the global step of the checkpoint that resumes the run (``None`` without
-  a ``checkpoint_dir``).
-  """
+  """Training stopped by Ctrl-C (or ``stop_after_steps``) between steps:
+  ``message`` says how to resume, from the checkpoint at ``checkpoint_step``
+  (``None`` without a ``checkpoint_dir``)."""
 
   def __init__(self, message: str, checkpoint_step: int | None):
     super().__init__(message)
@@ -81,12 +78,10 @@ def write_params_npz(path: str, graphdef, state) -> None:
 
 
 def checkpoint_manager(directory: str):
-  """An orbax ``CheckpointManager`` on ``directory`` (created if needed).
-
-  Saves are synchronous: the next step donates the state's buffers, and a
-  checkpoint must be on disk when its epoch is reported. The two latest
-  are kept.
-  """
+  """An orbax ``CheckpointManager`` on ``directory`` (created if needed),
+  keeping the two latest. Saves are synchronous: the next step donates the
+  state's buffers, and a checkpoint must be on disk when its epoch is
+  reported."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   options = ocp.CheckpointManagerOptions(
       max_to_keep=2, create=True, enable_async_checkpointing=False)

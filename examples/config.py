@@ -110,10 +110,9 @@ METAVARS = {'metrics_out': 'FILE.json', 'plot_out': 'FILE.png',
 
 
 def _methods(**changes) -> dict[str, tuple[str, dict[str, Any], Any]]:
-  methods = {name: (name, {}, None) for name in (
+  return {**{name: (name, {}, None) for name in (
       'sibp_linearized', 'sibp_paper', 'proxbp', 'sgd', 'adam', 'muon',
-      'schedule_free_adamw')}
-  return {**methods, **changes}
+      'schedule_free_adamw')}, **changes}
 
 
 # The papers' settings. ``methods``: reproduction label -> (optimizer,

@@ -102,8 +102,8 @@ def _prepare(builder, name: str, data_dir: str | None) -> None:
         'copy DIR here.') from None
 
 
-def _read(source) -> list[dict[str, Any]]:
-  """All records of a TFDS data source, read in chunks."""
+def _read(source) -> tuple[np.ndarray, np.ndarray]:
+  """All images and labels of a TFDS data source, read in chunks."""
   records = []
   for start in range(0, len(source), _READ_CHUNK):
     keys = list(range(start, min(start + _READ_CHUNK, len(source))))
@@ -113,13 +113,8 @@ def _read(source) -> list[dict[str, Any]]:
       # tfds.testing.mock_data's __getitems__ is not bound to the source
       # (tfds 4.9): read the random examples one by one.
       records.extend(source[k] for k in keys)
-  return records
-
-
-def _as_arrays(records) -> tuple[np.ndarray, np.ndarray]:
-  x = np.stack([np.asarray(r['image']) for r in records])
-  y = np.asarray([r['label'] for r in records], np.int32)
-  return x, y
+  return (np.stack([np.asarray(r['image']) for r in records]),
+          np.asarray([r['label'] for r in records], np.int32))
 
 
 def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
@@ -149,7 +144,7 @@ def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
           f'(`python examples/train.py --dataset {name} --data_dir NEW_DIR '
           '--epochs 0`).') from None
     classes = builder.info.features['label'].num_classes
-  return (*_as_arrays(train), *_as_arrays(test), classes)
+  return (*train, *test, classes)
 
 
 def _load_digits():
@@ -179,15 +174,11 @@ def load(name: str, data_dir: str | None = None, *,
          validation_examples: int = VALIDATION_EXAMPLES,
          train_examples: int | None = None,
          mock_data: int | None = None) -> Data:
-  """Loads one of :data:`DATASETS` as the module docstring says.
-
-  ``data_dir`` (TFDS only; default ``$TFDS_DATA_DIR`` or
-  ``~/tensorflow_datasets``) holds the prepared dataset; the first
-  ``train_examples`` training images (default all) are kept after the
-  validation set is held out. Raises :class:`DatasetUnavailableError` (the
-  message says what to do), or ``ValueError`` for an unknown name or an
-  impossible size.
-  """
+  """Loads one of :data:`DATASETS` as the module docstring says, from
+  ``data_dir`` (TFDS; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
+  keeps the first ``train_examples`` training images (default all) after the
+  validation set is held out. Raises :class:`DatasetUnavailableError`, or
+  ``ValueError`` for an unknown name or an impossible size."""
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
   if name == 'digits':

@@ -73,11 +73,8 @@ def jit(step: Callable, runs: bool = False) -> Callable:
 
 def stack_learning_rates(state, rates: Sequence[float],
                          name: str = 'learning_rate'):
-  """K copies of ``state`` on a leading axis, run k at ``rates[k]``.
-
-  ``state`` must come from an ``optax.inject_hyperparams`` optimizer; the
-  hyperparameter ``name`` takes the values ``rates``.
-  """
+  """K copies of ``state`` (of an ``optax.inject_hyperparams`` optimizer) on
+  a leading axis, run k with its hyperparameter ``name`` at ``rates[k]``."""
   stacked = jax.tree.map(
       lambda a: jnp.broadcast_to(a, (len(rates), *jnp.shape(a))), state)
   stacked[1]['opt_state']['hyperparams'][name].value = (

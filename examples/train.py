@@ -177,8 +177,24 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
   metrics = records[0] if not runs else {
       'config': dataclasses.asdict(config), 'data': sizes, 'device': device,
       'sweep': records}
-  _print_start(config, data, device, records, at, progress)
   per_epoch = sizes['steps_per_epoch']
+  what = (f'sweep over {len(config.sweep)} learning rates '
+          f'({", ".join(f"{lr:g}" for lr in config.sweep)})' if config.sweep
+          else f'(learning rate {config.learning_rate:g})')
+  print(f'{config.dataset}: {len(data.x_train)} train / {len(data.x_val)} '
+        f'validation / {len(data.x_test)} test, {config.model}, '
+        f'{config.optimizer} {what}, batch {config.batch_size}, {device}',
+        flush=True)
+  for record in records:
+    for entry in [record['initial'], *record['history']]:
+      print(_summary(entry), flush=True)
+  if progress is not None:
+    print(f'Resumed from {config.checkpoint_dir} (step '
+          f'{progress["global_step"]}: epoch {at.epoch + 1}, step '
+          f'{at.step} of {per_epoch} done).', flush=True)
+    if at.epoch >= config.epochs:
+      print(f'The checkpoint has {at.epoch} epochs done, --epochs is '
+            f'{config.epochs}: nothing to train.', flush=True)
 
   def interrupted(done_steps: int) -> Interrupted:
     where = (f'epoch {at.epoch + 1} after step {done_steps} of {per_epoch}'
@@ -277,27 +293,6 @@ def _progress(config, at: Position, per_epoch: int, metrics) -> dict:
           'global_step': at.epoch * per_epoch + at.step,
           **dataclasses.asdict(at), 'config': _resume_settings(config),
           'metrics': metrics}
-
-
-def _print_start(config, data, device, records, at, progress) -> None:
-  what = (f'sweep over {len(config.sweep)} learning rates '
-          f'({", ".join(f"{lr:g}" for lr in config.sweep)})' if config.sweep
-          else f'(learning rate {config.learning_rate:g})')
-  print(f'{config.dataset}: {len(data.x_train)} train / {len(data.x_val)} '
-        f'validation / {len(data.x_test)} test, {config.model}, '
-        f'{config.optimizer} {what}, batch {config.batch_size}, {device}',
-        flush=True)
-  for record in records:
-    for entry in [record['initial'], *record['history']]:
-      print(_summary(entry), flush=True)
-  if progress is not None:
-    print(f'Resumed from {config.checkpoint_dir} (step '
-          f'{progress["global_step"]}: epoch {at.epoch + 1}, step '
-          f'{at.step} of {records[0]["data"]["steps_per_epoch"]} done).',
-          flush=True)
-    if at.epoch >= config.epochs:
-      print(f'The checkpoint has {at.epoch} epochs done, --epochs is '
-            f'{config.epochs}: nothing to train.', flush=True)
 
 
 def _rates(text: str) -> tuple[float, ...]:
