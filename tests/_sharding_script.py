@@ -101,14 +101,18 @@ MODES = {
 EXACT = ('sibp_linearized', 'sibp_paper', 'proxbp_exact')
 # (mode, arch, case) checked by `check`: under explicit sharding the MLP
 # with every SIBP variant and exact ProxBP, the ConvNet with exact SIBP and
-# ProxBP's CG, the ResNet with exact SIBP and ProxBP; under GSPMD the exact
-# solves, whose method the user pins; the negative control once.
+# ProxBP's CG, the ResNet (graph sweep, BatchNorm) with exact SIBP; under
+# GSPMD the two solves whose method the user pins (the exact ridge solve
+# and the paper variant's parameter-space CG); the negative control once.
+# Each row compiles three programs; ProxBP's exact rule on the ResNet and
+# under GSPMD is left out, as it sums over the batch exactly as SIBP's does
+# (the same Gram matrix and right-hand side, another scale and Λ), and
+# its sharded solve is checked on the MLP.
 CHECKS = ([('explicit', 'mlp', c) for c in EXACT + ('sibp_linearized_cg',)] +
           [('explicit', 'convnet', c) for c in ('sibp_linearized',
                                                 'proxbp_cg3')] +
-          [('explicit', 'resnet', c) for c in ('sibp_linearized',
-                                               'proxbp_exact')] +
-          [('gspmd', 'mlp', c) for c in EXACT] +
+          [('explicit', 'resnet', 'sibp_linearized')] +
+          [('gspmd', 'mlp', c) for c in EXACT[:2]] +
           [('gspmd_default', 'mlp', 'sibp_linearized')])
 
 

@@ -3,7 +3,7 @@
 JAX fixes its CPU device count at start-up, so every check runs
 ``tests/_sharding_script.py`` in a fresh process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and reads the JSON
-lines it prints. One ``check`` process compiles 32 small steps.
+lines it prints. One ``check`` process compiles 27 small steps.
 """
 
 import json
@@ -89,9 +89,8 @@ def test_eight_devices_give_the_one_device_step(rows):
       {('explicit', 'mlp', c) for c in exact + ('sibp_linearized_cg',)}
       | {('explicit', 'convnet', c) for c in ('sibp_linearized',
                                               'proxbp_cg3')}
-      | {('explicit', 'resnet', c) for c in ('sibp_linearized',
-                                             'proxbp_exact')}
-      | {('gspmd', 'mlp', c) for c in exact}
+      | {('explicit', 'resnet', 'sibp_linearized')}
+      | {('gspmd', 'mlp', c) for c in exact[:2]}
       | {('gspmd_default', 'mlp', 'sibp_linearized')})
   for r in rows:
     assert r['devices'] == 8, r
@@ -128,7 +127,7 @@ def test_collectives_do_not_grow_with_the_batch(rows):
   values), never the activations.
   """
   checked = [r for r in rows if r['mode'] != 'gspmd_default']
-  assert len(checked) == 11
+  assert len(checked) == 9
   for r in checked:
     small, large = r[f'collectives_{BATCH}'], r[f'collectives_{2 * BATCH}']
     assert small, f'no collective at all? {r}'
