@@ -180,13 +180,22 @@ def test_dead_relu_units(name):
   assert np.abs(dead).max() < 1e-6
 
 
-# The settings are traced: one compiled step per variant serves them all.
-EXTREME_SIBP = {
-    variant: functools.partial(
-        lambda lr, lam_w, lam_b, variant: sibp_jax.sibp(
-            lr, variant=variant, lambda_w=lam_w, lambda_b=lam_b),
-        variant=variant)
-    for variant in ('linearized', 'paper')}
+# The settings (lr, λ_W, λ_b, τ_prox) are traced: one compiled step serves
+# them all, for SIBP's two variants and ProxBP.
+EXTREME = {
+    'linearized': lambda lr, lam_w, lam_b, tau: sibp_jax.sibp(
+        lr, lambda_w=lam_w, lambda_b=lam_b),
+    'paper': lambda lr, lam_w, lam_b, tau: sibp_jax.sibp(
+        lr, variant='paper', lambda_w=lam_w, lambda_b=lam_b),
+    'proxbp': lambda lr, lam_w, lam_b, tau: sibp_jax.scale_by_proxbp(tau),
+}
+
+
+def _extreme_step(kind, x, y, learning_rate=0.1, lambda_w=1.0, lambda_b=1.0,
+                  tau=0.05):
+  steps = _steps(EXTREME.values(), MLP((6, 8, 3)), x, y,
+                 hypers=(learning_rate, lambda_w, lambda_b, tau))
+  return steps[list(EXTREME).index(kind)]
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -198,11 +207,7 @@ EXTREME_SIBP = {
 @pytest.mark.parametrize('case', [0, 1])
 def test_extreme_sibp_settings_stay_finite(kwargs, variant, case):
   label, x, y = list(_hard_batches())[case]
-  hypers = (kwargs['learning_rate'], kwargs.get('lambda_w', 1.0),
-            kwargs.get('lambda_b', 1.0))
-  # Both variants in one program.
-  steps = _steps(EXTREME_SIBP.values(), MLP((6, 8, 3)), x, y, hypers=hypers)
-  updates, info = steps[list(EXTREME_SIBP).index(variant)]
+  updates, info = _extreme_step(variant, x, y, **kwargs)
   assert bool(info.finite), (label, kwargs)
   chex.assert_tree_all_finite(updates)
 
@@ -211,8 +216,7 @@ def test_extreme_sibp_settings_stay_finite(kwargs, variant, case):
 @pytest.mark.parametrize('case', [0, 1])
 def test_extreme_proxbp_settings_stay_finite(tau, case):
   _, x, y = list(_hard_batches())[case]
-  (updates, info), = _steps([sibp_jax.scale_by_proxbp], MLP((6, 8, 3)), x, y,
-                            hypers=(tau,))
+  updates, info = _extreme_step('proxbp', x, y, tau=tau)
   assert bool(info.finite)
   chex.assert_tree_all_finite(updates)
 
@@ -226,8 +230,9 @@ def _ridge_solves(p):
 
 def test_tiny_lambda_on_a_singular_gram_shows_in_the_residual():
   """Rank-deficient F with λ near zero: finite, and the residual says so."""
+  # A shape of RIDGE_SHAPES below: the property test reuses its program.
   p = sibp_jax.RidgeProblem(
-      sibp_jax.Dense(), jnp.ones((20, 5)), jnp.ones((20, 2)), (5, 2), (2,),
+      sibp_jax.Dense(), jnp.ones((24, 5)), jnp.ones((24, 4)), (5, 4), (4,),
       jnp.float32(1e-12), jnp.float32(1e-12))
   for delta, info in _ridge_solves(p):
     chex.assert_tree_all_finite(delta)

@@ -214,7 +214,8 @@ def test_nonlinear_cg_converges_on_quadratic():
 
 @jax.jit
 def _minimize_in_both_spaces(f, t, w0):
-  """The ReLU fit of ``fit_row_space`` in kernel space and in row space."""
+  """The ReLU fit below by ``minimize`` (the kernel, through ``linear``)
+  and by ``minimize_in_row_space``; compiled once for every seed."""
   n, d = t.shape
   lam, y_old = 0.7, f @ w0
   fit = lambda y: jnp.sum((jax.nn.relu(y) - t) ** 2)
