@@ -1,18 +1,19 @@
 """Convolutions: patches, solves against dense references, one sweep by hand."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import sibp_jax
 
+from _models import find_info
 from _models import pure
-from _models import step_inputs
 from _models import xent
 
 CONFIGS = [
@@ -83,20 +84,48 @@ def test_patches_in_one_and_three_dimensions(shape, window, strides, padding,
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('window,strides,padding,dilation', CONFIGS)
-@pytest.mark.parametrize('kernel,bias', [(True, True), (False, True),
-                                         (True, False)])
-def test_conv_ridge_solves_match_dense_reference(window, strides, padding,
-                                                 dilation, kernel, bias):
+EXACT = (sibp_jax.Ridge('cholesky'), sibp_jax.Ridge('woodbury'))
+BLOCKS = [(True, True), (False, True), (True, False)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_solves(solvers, problems):
+  """``solver.solve(problem)`` for each solver and problem, one program."""
+  return [[solver.solve(p) for solver in solvers] for p in problems]
+
+
+def _conv_problems(config):
+  """The patches, the residual and a problem per entry of ``BLOCKS``.
+
+  Inputs of 5 × 3 positions: every output has at most 30 rows, so that the
+  Woodbury factor compiles without the blocked recursion of factors beyond
+  32 (which test_solvers covers).
+  """
+  window, strides, padding, dilation = config
   rng = np.random.default_rng(1)
-  x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
-  kind = _kind(window, strides, padding, dilation, (7, 6))
+  x = rng.normal(size=(2, 5, 3, 3)).astype(np.float32)
+  kind = _kind(window, strides, padding, dilation, (5, 3))
   patches, out_shape = _np_patches(x, window, kind)
   residual = rng.normal(size=out_shape + (4,)).astype(np.float32)
-  problem = sibp_jax.RidgeProblem(
+  return patches, residual, [sibp_jax.RidgeProblem(
       kind, jnp.asarray(x), jnp.asarray(residual),
       window + (3, 4) if kernel else None, (4,) if bias else None,
-      jnp.float32(0.7), jnp.float32(1.3))
+      jnp.float32(0.7), jnp.float32(1.3)) for kernel, bias in BLOCKS]
+
+
+@functools.cache
+def _exact_solutions(index):
+  """``EXACT``'s solves of CONFIGS[index]'s problems, one compiled program
+  for the tests of that config."""
+  return _jit_solves(EXACT, _conv_problems(CONFIGS[index])[2])
+
+
+@pytest.mark.parametrize('index', range(len(CONFIGS)))
+@pytest.mark.parametrize('block', range(len(BLOCKS)))
+def test_conv_ridge_solves_match_dense_reference(index, block):
+  kernel, bias = BLOCKS[block]
+  patches, residual, problems = _conv_problems(CONFIGS[index])
+  problem = problems[block]
   blocks, lam = [], []
   if kernel:
     blocks.append(patches)
@@ -114,9 +143,13 @@ def test_conv_ridge_solves_match_dense_reference(window, strides, padding,
     return np.concatenate(parts + ([] if db is None else
                                    [np.asarray(db)[None]]), axis=0)
 
-  for solver in (sibp_jax.Ridge('cholesky'), sibp_jax.Ridge('woodbury'),
-                 sibp_jax.ConjugateGradient(60, tol=0.0)):
-    delta, _ = jax.jit(solver.solve)(problem)
+  # CG runs eagerly: over a conv the library unrolls its loop (see
+  # sibp_jax._src.problems.unroll_loops), and 60 unrolled steps compile far
+  # slower than they run. ProxBP-CG's jitted ConvNet steps are in
+  # test_contract and test_train.
+  cg = sibp_jax.ConjugateGradient(60, tol=0.0)
+  solved = _exact_solutions(index)[block] + [cg.solve(problem)]
+  for solver, (delta, _) in zip(EXACT + (cg,), solved, strict=True):
     # float32 solves with condition number ≲ 10³: 1e-3 relative.
     np.testing.assert_allclose(flat(delta), reference, rtol=1e-3, atol=1e-4,
                                err_msg=str(solver))
@@ -129,11 +162,12 @@ def test_ridge_hands_oversized_factors_to_cg():
   residual = jnp.asarray(rng.normal(size=(3, 6, 6, 4)), jnp.float32)
   problem = sibp_jax.RidgeProblem(kind, x, residual, (3, 3, 2, 4), (4,),
                                   jnp.float32(1.0), jnp.float32(1.0))
-  exact, info = sibp_jax.Ridge().solve(problem)
+  [[(exact, info)]] = _jit_solves((sibp_jax.Ridge(),), [problem])
   assert int(info.iterations) == 0
   small = sibp_jax.Ridge(max_factor=10,
                          fallback=sibp_jax.ConjugateGradient(40, tol=0.0))
-  approx, info = small.solve(problem)  # 19 columns, 108 rows: both > 10
+  # 19 columns, 108 rows: both > 10. Eagerly, as CG above.
+  approx, info = small.solve(problem)
   assert int(info.iterations) == 40
   chex.assert_trees_all_close(approx, exact, rtol=1e-3, atol=1e-4)
 
@@ -201,20 +235,58 @@ def _np_sweep(model, x, y, rule, eta=0.1, lam=(1.0, 1.0), tau=0.05):
           'dense': {'kernel': w_new - w, 'bias': c_new - c}}
 
 
-@pytest.mark.parametrize('rule', ['linearized', 'proxbp'])
-def test_convnet_sweep_matches_numpy_transcription(rule):
-  rng = np.random.default_rng(3)
+def _tiny_data(seed):
+  rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(5, 4, 4, 2)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 4, 5), jnp.int32)
+  return x, y
+
+
+# The transformations of the TinyConvNet tests below, their hyperparameters
+# traced: one compiled program (one forward pass, an update by each) serves
+# every test. ProxBP with plain SGD of rate 1 hands on X_new - X_old.
+def _tiny_transforms(eta, lambda_w, lambda_b, tau_prox):
+  return {
+      'sibp': sibp_jax.sibp(eta, lambda_w=lambda_w, lambda_b=lambda_b),
+      'proxbp': sibp_jax.proxbp(1.0, tau_prox=tau_prox, momentum=None),
+      'sibp-paper': sibp_jax.sibp(eta, variant='paper', lambda_w=lambda_w,
+                                  lambda_b=lambda_b),
+  }
+
+
+DEFAULTS = dict(eta=0.1, lambda_w=1.0, lambda_b=1.0, tau_prox=0.05)
+
+
+def _hypers(**kwargs):
+  return {k: jnp.float32(v) for k, v in dict(DEFAULTS, **kwargs).items()}
+
+
+@jax.jit
+def _tiny_updates(hypers, state, x, y):
+  """``{name: (updates, info)}`` of the nnx TinyConvNet's step."""
+  model = nnx.merge(nnx.graphdef(TinyConvNet()), state)
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=xent)
+  grads, params = pure(grads), pure(nnx.state(model, nnx.Param))
+  out = {}
+  for name, tx in _tiny_transforms(**hypers).items():
+    updates, opt_state = tx.update(grads, tx.init(params), params,
+                                   problems=problems)
+    out[name] = updates, find_info(opt_state)
+  return out
+
+
+@pytest.mark.parametrize('rule', ['linearized', 'proxbp'])
+def test_convnet_sweep_matches_numpy_transcription(rule):
+  x, y = _tiny_data(3)
   model = TinyConvNet()
-  grads, params, problems = step_inputs(model, x, y)
+  state = pure(nnx.state(model))
   if rule == 'linearized':
-    tx = sibp_jax.sibp(0.1, lambda_w=1.0, lambda_b=0.5)
+    updates, _ = _tiny_updates(_hypers(lambda_b=0.5), state, x, y)['sibp']
     expected = _np_sweep(model, x, y, rule, eta=0.1, lam=(1.0, 0.5))
   else:
-    tx = optax.chain(sibp_jax.scale_by_proxbp(0.05), optax.scale(-1.0))
+    updates, _ = _tiny_updates(_hypers(), state, x, y)['proxbp']
     expected = _np_sweep(model, x, y, rule, tau=0.05)
-  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
   for layer in ('conv', 'dense'):
     for leaf in ('kernel', 'bias'):
       # float32 forward pass and solves against float64 NumPy.
@@ -224,18 +296,13 @@ def test_convnet_sweep_matches_numpy_transcription(rule):
 
 
 def test_paper_variant_fits_through_relu_and_pool():
-  rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.normal(size=(6, 4, 4, 2)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, 6), jnp.int32)
-  model = TinyConvNet()
-  grads, params, problems = step_inputs(model, x, y)
-  tx = sibp_jax.scale_by_sibp(0.1, variant='paper')
-  _, state = tx.update(grads, tx.init(params), params, problems=problems)
-  assert bool(state.info.finite)
+  state = pure(nnx.state(TinyConvNet()))
+  _, info = _tiny_updates(_hypers(), state, *_tiny_data(4))['sibp-paper']
+  assert bool(info.finite)
   # The conv layer's fit objective through ReLU and pooling decreased: the
   # solver's gradient ratio is below 1 and iterations were spent.
-  assert float(state.info.residual) < 1.0
-  assert int(state.info.iterations) > 10
+  assert float(info.residual) < 1.0
+  assert int(info.iterations) > 10
 
 
 class LinenConvNet(nn.Module):
@@ -246,25 +313,25 @@ class LinenConvNet(nn.Module):
     return nn.Dense(4, name='dense')(h.reshape(h.shape[0], -1))
 
 
-@pytest.mark.parametrize('make', [lambda: sibp_jax.sibp(0.1),
-                                  lambda: sibp_jax.proxbp(),
-                                  lambda: sibp_jax.sibp(0.1, variant='paper')])
-def test_nnx_and_linen_convnets_agree(make):
-  rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.normal(size=(5, 4, 4, 2)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, 5), jnp.int32)
+@jax.jit
+def _linen_updates(hypers, params, x, y):
+  """``{name: updates}`` of the linen LinenConvNet's step."""
+  _, grads, problems = sibp_jax.linen.value_grad_and_problems(
+      LinenConvNet(), params, x, y, loss_fn=xent)
+  return {name: tx.update(grads, tx.init(params), params,
+                          problems=problems)[0]
+          for name, tx in _tiny_transforms(**hypers).items()}
+
+
+@pytest.mark.parametrize('name', ['sibp', 'proxbp', 'sibp-paper'])
+def test_nnx_and_linen_convnets_agree(name):
+  x, y = _tiny_data(5)
   model = TinyConvNet()
-  grads, params, problems = step_inputs(model, x, y)
-  tx = make()
-  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  updates, _ = _tiny_updates(_hypers(), pure(nnx.state(model)), x, y)[name]
   lparams = pure(nnx.state(model, nnx.Param))
   lparams = jax.tree.map(lambda a: a, dict(
       conv=dict(lparams['conv']), dense=dict(lparams['dense'])))
-  _, lgrads, lproblems = sibp_jax.linen.value_grad_and_problems(
-      LinenConvNet(), lparams, x, y, loss_fn=xent)
-  tx = make()
-  lupdates, _ = tx.update(lgrads, tx.init(lparams), lparams,
-                          problems=lproblems)
+  lupdates = _linen_updates(_hypers(), lparams, x, y)[name]
   for layer in ('conv', 'dense'):
     for leaf in ('kernel', 'bias'):
       np.testing.assert_allclose(lupdates[layer][leaf],
@@ -286,6 +353,9 @@ def test_unsupported_convolutions_are_named(kwargs, match):
       return self.dense(jnp.mean(jax.nn.relu(self.conv(x)), axis=(1, 2)))
 
   x = jnp.ones((2, 5, 5, 2))
+  graphdef, state = nnx.split(Net())
+  # Raised while tracing, as in an eager call (which also runs the model).
   with pytest.raises(ValueError, match=f"layer 'conv'.*{match}"):
-    sibp_jax.nnx.value_grad_and_problems(Net(), x, jnp.zeros((2,), jnp.int32),
-                                         loss_fn=xent)
+    jax.eval_shape(lambda state, x: sibp_jax.nnx.value_grad_and_problems(
+        nnx.merge(graphdef, state), x, jnp.zeros((2,), jnp.int32),
+        loss_fn=xent), state, x)

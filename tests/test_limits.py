@@ -1,5 +1,7 @@
 """Known limits (docs/algorithms.md section 4) and stationary points."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,6 @@ from _models import MLP
 from _models import classification
 from _models import mse
 from _models import regression
-from _models import step_inputs
 
 
 def _cosine(a, b):
@@ -27,22 +28,55 @@ def x64():
     yield
 
 
-def _setup(sizes=(6, 8, 5, 3)):
-  model = MLP(sizes, seed=2, dtype=jnp.float64)
+PROXBP_SOLVERS = {'exact': 'exact', 'cg20': sibp_jax.ConjugateGradient(20)}
+# (τ_prox, λ), the step to the limit of each.
+LIMITS = ((1e-5, 1e4), (1e-6, 1e5))
+
+
+@jax.jit
+def _limit_updates(graphdef, state, x, y, tau, lam):
+  """The updates of the limits below, all in one float64 program.
+
+  Returns the gradient, the batch size and ``{'proxbp': {solver: ProxBP's
+  direction at τ_prox = tau}, 'sibp': the linearized update at λ = lam,
+  'paper': the paper variant's at λ = 1e4}``.
+  """
+  model = nnx.merge(graphdef, state)
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=optax.softmax_cross_entropy_with_integer_labels)
+  grads, params = nnx.as_pure(grads), nnx.as_pure(nnx.state(model, nnx.Param))
+
+  def update(tx):
+    return tx.update(grads, tx.init(params), params, problems=problems)[0]
+
+  return grads, problems.batch_size, {
+      'proxbp': {name: update(sibp_jax.scale_by_proxbp(tau, solver=solver))
+                 for name, solver in PROXBP_SOLVERS.items()},
+      'sibp': update(sibp_jax.sibp(0.5, lambda_w=lam, lambda_b=lam)),
+      'paper': update(sibp_jax.sibp(
+          0.1, variant='paper', lambda_w=1e4, lambda_b=1e4,
+          solver=sibp_jax.NonlinearCG(iterations=1))),
+  }
+
+
+@functools.cache
+def _limits():
+  """``_limit_updates`` of the float64 MLP for each of ``LIMITS`` (call
+  under x64): one compiled program, run once per setting."""
+  graphdef, state = nnx.split(MLP((6, 8, 5, 3), seed=2, dtype=jnp.float64))
   x, y = classification(seed=2)
-  return step_inputs(model, x.astype(jnp.float64), y)
+  return [_limit_updates(graphdef, nnx.as_pure(state), x.astype(jnp.float64),
+                         y, jnp.float64(tau), jnp.float64(lam))
+          for tau, lam in LIMITS]
 
 
 @pytest.mark.usefixtures('x64')
-@pytest.mark.parametrize('solver', ['exact', sibp_jax.ConjugateGradient(20)])
+@pytest.mark.parametrize('solver', list(PROXBP_SOLVERS))
 def test_proxbp_small_tau_hands_on_tau_times_gradient(solver):
   """ProxBP's direction is τ_prox ∇J + O(τ_prox²)."""
-  grads, params, problems = _setup()
   errors = []
-  for tau in (1e-5, 1e-6):
-    tx = sibp_jax.scale_by_proxbp(tau, solver=solver)
-    direction, _ = tx.update(grads, tx.init(params), params,
-                             problems=problems)
+  for (tau, _), (grads, _, updates) in zip(LIMITS, _limits(), strict=True):
+    direction = updates['proxbp'][solver]
     scaled = jax.tree.map(lambda d, tau=tau: d / tau, direction)
     errors.append(max(float(jnp.abs(s - g).max()) for s, g in zip(
         jax.tree.leaves(scaled), jax.tree.leaves(grads))))
@@ -60,16 +94,14 @@ def test_sibp_linearized_large_lambda_is_an_sgd_step():
   The first order term is exact in each ridge solve; the rest of the gap is
   the error chained through the new weights, O(η/λ) relative.
   """
-  grads, params, problems = _setup()
-  eta, batch = 0.5, problems.batch_size
+  eta = 0.5
   errors = []
-  for lam in (1e4, 1e5):
-    tx = sibp_jax.sibp(eta, lambda_w=lam, lambda_b=lam)
-    updates, _ = tx.update(grads, tx.init(params), params,
-                           problems=problems)
-    sgd = jax.tree.map(lambda g, lam=lam: -eta * batch / lam * g, grads)
+  for (_, lam), (grads, batch, updates) in zip(LIMITS, _limits(),
+                                               strict=True):
+    update = updates['sibp']
+    sgd = jax.tree.map(lambda g, lr=eta * batch / lam: -lr * g, grads)
     errors.append(max(float(jnp.abs(u - s).max() / jnp.abs(s).max())
-                      for u, s in zip(jax.tree.leaves(updates),
+                      for u, s in zip(jax.tree.leaves(update),
                                       jax.tree.leaves(sgd))))
   assert errors[1] < 1e-3
   assert errors[1] < 0.2 * errors[0]
@@ -83,12 +115,9 @@ def test_sibp_paper_one_inner_step_follows_the_gradient():
   the summed loss); with the error chained through weights that moved by
   O(η/λ), hidden kernels move along -∇J up to that.
   """
-  grads, params, problems = _setup()
-  tx = sibp_jax.sibp(0.1, variant='paper', lambda_w=1e4, lambda_b=1e4,
-                     solver=sibp_jax.NonlinearCG(iterations=1))
-  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  grads, _, updates = _limits()[0]
   for i in range(3):
-    cos = _cosine(updates['layers'][i]['kernel'],
+    cos = _cosine(updates['paper']['layers'][i]['kernel'],
                   -grads['layers'][i]['kernel'])
     assert cos > 1 - 1e-6, (i, cos)
 

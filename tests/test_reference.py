@@ -76,9 +76,13 @@ RTOL_F64 = 1e-10
 ATOL_F64 = 1e-10
 
 
-def _cases():
-  return [pytest.param(batch, sizes, id=name)
-          for name, (batch, sizes) in SHAPES.items()]
+# The shapes of the tests that need only two: each has a layer whose fit
+# runs in row space (layer 1 of the first, layer 2 of the second).
+TWO_SHAPES = ('mlp2-B6-8-4-3', 'mlp3-B7-5-8-4-3')
+
+
+def _cases(names=tuple(SHAPES)):
+  return [pytest.param(*SHAPES[name], id=name) for name in names]
 
 
 # --------------------------------------------------------------------------
@@ -355,29 +359,64 @@ def _transformation(algorithm, hypers, solver):
   raise ValueError(algorithm)
 
 
-@functools.partial(jax.jit, static_argnames=('algorithm', 'solver'))
-def _library_update(algorithm, solver, hypers, params, x, y):
-  # Jitted with the hyperparameters traced, so that each shape compiles once
-  # per algorithm (this keeps the file fast); users jit the step too.
+@functools.partial(jax.jit, static_argnames=('runs',))
+def _library_updates(runs, hypers, params, x, y):
+  """One forward pass, then one update per ``(algorithm, solver)`` of runs.
+
+  Jitted with the hyperparameters traced (``hypers[i]`` for ``runs[i]``) and
+  every algorithm of a precision in one program, so that each shape
+  compiles once per precision (this keeps the file fast); users jit the
+  step too.
+  """
   model = MLP(params, x.dtype)
   _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
       model, x, y, loss_fn=optax.softmax_cross_entropy_with_integer_labels)
   params_pure = nnx.as_pure(nnx.state(model, nnx.Param))
-  tx = _transformation(algorithm, hypers, solver)
-  state = tx.init(params_pure)
-  updates, state = tx.update(nnx.as_pure(grads), state, params_pure,
-                             problems=problems)
-  layers = updates['layers']
-  return [(layers[i]['kernel'], layers[i]['bias'])
-          for i in range(len(params))], state
+  grads = nnx.as_pure(grads)
+  out = []
+  for (algorithm, solver), h in zip(runs, hypers, strict=True):
+    tx = _transformation(algorithm, h, solver)
+    updates, state = tx.update(grads, tx.init(params_pure), params_pure,
+                               problems=problems)
+    layers = updates['layers']
+    out.append(([(layers[i]['kernel'], layers[i]['bias'])
+                 for i in range(len(params))], state))
+  return out
+
+
+# What runs in each precision's program, with hyperparameters for the runs
+# a test does not look at. The runs marked ``two`` only on TWO_SHAPES.
+F32_RUNS = {('linearized', None): HYPERS[0], ('scale_by_proxbp', None): (0.05,),
+            ('proxbp_sgd', None): (0.5, 0.05)}
+
+
+def _runs(algorithm, batch, sizes):
+  """The runs of the program of ``algorithm``'s precision for a shape."""
+  two = (batch, sizes) in [SHAPES[name] for name in TWO_SHAPES]
+  if algorithm == 'paper':
+    solvers = [None] + [sibp_jax.NonlinearCG(**settings)
+                        for settings, _ in OTHER_CG.values()]
+    if two:
+      solvers.append(sibp_jax.NonlinearCG(space='parameters'))
+    return [('paper', s) for s in solvers]
+  return [run for run in F32_RUNS if two or run[0] != 'proxbp_sgd']
 
 
 def library_step(algorithm, hypers, params, x, y, dtype, solver=None):
-  """One ``tx.update`` on the MLP; returns ``[(dW, db), ...]`` and the state."""
+  """One ``tx.update`` on the MLP; returns ``[(dW, db), ...]`` and the state.
+
+  Float32 runs share one program per shape, the paper variant's runs
+  another (all with ``hypers``): see ``_runs``.
+  """
   to = lambda a: jnp.asarray(a, dtype)
-  out, state = _library_update(
-      algorithm, solver, tuple(to(h) for h in hypers),
-      [(to(w), to(b)) for w, b in params], to(x), jnp.asarray(y))
+  sizes = tuple(w.shape[0] for w, _ in params) + (params[-1][0].shape[1],)
+  runs = _runs(algorithm, len(x), sizes)
+  all_hypers = [hypers if run == (algorithm, solver) or algorithm == 'paper'
+                else F32_RUNS[run] for run in runs]
+  out, state = _library_updates(
+      tuple(runs), [tuple(to(h) for h in hs) for hs in all_hypers],
+      [(to(w), to(b)) for w, b in params], to(x),
+      jnp.asarray(y))[runs.index((algorithm, solver))]
   chex.assert_type(jax.tree.leaves(out), dtype)
   return [(np.asarray(w, np.float64), np.asarray(b, np.float64))
           for w, b in out], state
@@ -448,7 +487,7 @@ def test_sibp_paper_matches_transcription(batch, sizes, eta, lam_w, lam_b):
   _check_paper(batch, sizes, (eta, lam_w, lam_b), {})
 
 
-@pytest.mark.parametrize('batch,sizes', [_cases()[0], _cases()[3]])
+@pytest.mark.parametrize('batch,sizes', _cases(TWO_SHAPES))
 def test_sibp_paper_in_parameter_space_matches_transcription(batch, sizes):
   # space='parameters' keeps the kernel fits out of row space (the GSPMD
   # setting): the same transcription holds on the cases that use row space.
@@ -491,7 +530,7 @@ def test_proxbp_matches_transcription(batch, sizes, tau_prox):
 
 
 @pytest.mark.parametrize('learning_rate', [0.5, 1.0])
-@pytest.mark.parametrize('batch,sizes', [_cases()[0], _cases()[3]])
+@pytest.mark.parametrize('batch,sizes', _cases(TWO_SHAPES))
 def test_proxbp_with_sgd_steps_along_direction(batch, sizes, learning_rate):
   params, x, y = _problem(batch, sizes)
   tau_prox = 0.05

@@ -1,5 +1,7 @@
 """Solvers against closed forms, each other, and their own guarantees."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,31 @@ def _closed_form(p):
   return design, gram, x
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_solves(solvers, p):
+  """``[solver.solve(p) for solver in solvers]``, one compiled program.
+
+  Module level with the solvers static: tests that solve problems of the
+  same shapes with the same solvers share the program.
+  """
+  return [solver.solve(p) for solver in solvers]
+
+
+def _jit_solve(solver, p):
+  return _jit_solves((solver,), p)[0]
+
+
+METHODS = ('cholesky', 'woodbury', 'auto')
+
+
+@functools.cache
+def _ridge_solutions(rows, cols, d_out, seed=0, kernel=True, bias=True):
+  """The problem and its solves by every ``Ridge`` method, one program."""
+  p = _problem(rows, cols, d_out, seed=seed, kernel=kernel, bias=bias)
+  solved = _jit_solves(tuple(sibp_jax.Ridge(m) for m in METHODS), p)
+  return p, dict(zip(METHODS, solved, strict=True))
+
+
 def _stack(delta):
   dk, db = delta
   parts = [] if dk is None else [np.asarray(dk)]
@@ -49,13 +76,13 @@ def _stack(delta):
   return np.concatenate(parts, axis=0)
 
 
-@pytest.mark.parametrize('method', ['cholesky', 'woodbury', 'auto'])
+@pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('rows,cols', [(40, 7), (6, 15)])
 @pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
                                          (False, True)])
 def test_ridge_satisfies_normal_equations(method, rows, cols, kernel, bias):
-  p = _problem(rows, cols, 3, kernel=kernel, bias=bias)
-  delta, info = jax.jit(sibp_jax.Ridge(method).solve)(p)
+  p, solved = _ridge_solutions(rows, cols, 3, kernel=kernel, bias=bias)
+  delta, info = solved[method]
   design, gram, expected = _closed_form(p)
   x = _stack(delta)
   rhs = design.T @ np.asarray(p.residual, np.float64)
@@ -67,9 +94,10 @@ def test_ridge_satisfies_normal_equations(method, rows, cols, kernel, bias):
 
 @pytest.mark.parametrize('rows,cols', [(40, 7), (6, 15), (12, 11)])
 def test_cholesky_and_woodbury_agree(rows, cols):
-  p = _problem(rows, cols, 4, seed=1)
-  a, _ = sibp_jax.Ridge('cholesky').solve(p)
-  b, _ = sibp_jax.Ridge('woodbury').solve(p)
+  # Other data, same shapes: the programs above serve.
+  _, solved = _ridge_solutions(rows, cols, 3, seed=1)
+  a, _ = solved['cholesky']
+  b, _ = solved['woodbury']
   chex.assert_trees_all_close(a, b, rtol=1e-3, atol=1e-5)
 
 
@@ -89,9 +117,9 @@ def test_cg_with_enough_steps_reaches_exact(kernel, bias):
   # Unknowns per output column: cols (+1); CG in exact arithmetic needs at
   # most that many steps; a few more absorb float32 round-off.
   p = _problem(30, 6, 3, seed=2, kernel=kernel, bias=bias)
-  exact, _ = sibp_jax.Ridge().solve(p)
   # tol=0: run all 12 steps (the default exits early, at 1e-2).
-  approx, info = jax.jit(sibp_jax.ConjugateGradient(12, tol=0.0).solve)(p)
+  (exact, _), (approx, info) = _jit_solves(
+      (sibp_jax.Ridge(), sibp_jax.ConjugateGradient(12, tol=0.0)), p)
   chex.assert_trees_all_close(approx, exact, rtol=1e-3, atol=1e-5)
   assert float(info.residual) < 1e-3
   assert int(info.iterations) == 12
@@ -99,8 +127,9 @@ def test_cg_with_enough_steps_reaches_exact(kernel, bias):
 
 def test_cg_few_steps_is_partial_and_reports_it():
   p = _problem(30, 6, 3, seed=3, lam_kernel=0.01, lam_bias=0.01)
-  _, info1 = sibp_jax.ConjugateGradient(1).solve(p)
-  _, info12 = sibp_jax.ConjugateGradient(12, tol=0.0).solve(p)
+  (_, info1), (_, info12) = _jit_solves(
+      (sibp_jax.ConjugateGradient(1), sibp_jax.ConjugateGradient(12, tol=0.0)),
+      p)
   assert float(info1.residual) > 10 * float(info12.residual)
 
 
@@ -109,46 +138,58 @@ def test_cg_zero_rhs_stays_zero():
   p = sibp_jax.RidgeProblem(p.kind, p.inputs, jnp.zeros_like(p.residual),
                             p.kernel_shape, p.bias_shape, p.lam_kernel,
                             p.lam_bias)
-  delta, info = sibp_jax.ConjugateGradient(3).solve(p)
+  delta, info = _jit_solve(sibp_jax.ConjugateGradient(3), p)
   chex.assert_tree_all_finite(delta)
   assert float(jnp.abs(_stack(delta)).max()) == 0.0
   assert float(info.residual) == 0.0
 
 
 def _relu_fit(seed):
+  """The data ``(f, t, w0)`` of a ReLU fit (see ``_relu_objective``)."""
   rng = np.random.default_rng(seed)
   f = jnp.asarray(rng.normal(size=(20, 5)), jnp.float32)
   t = jnp.asarray(np.maximum(rng.normal(size=(20, 4)), 0), jnp.float32)
   w0 = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  return f, t, w0
 
-  def objective(w):
-    fit = jax.nn.relu(f @ w) - t
-    return jnp.vdot(fit, fit) + 0.5 * jnp.vdot(w - w0, w - w0)
-  return objective, w0
+
+@jax.jit
+def _relu_objective(w, f, t, w0):
+  fit = jax.nn.relu(f @ w) - t
+  return jnp.vdot(fit, fit) + 0.5 * jnp.vdot(w - w0, w - w0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _minimize_relu_fit(solver, f, t, w0):
+  """``solver.minimize`` of the ReLU fit from ``w0``; the data are traced,
+  so that one program per solver serves every seed."""
+  return solver.minimize(lambda w: _relu_objective(w, f, t, w0), w0)
 
 
 @pytest.mark.parametrize('seed', range(5))
 @pytest.mark.parametrize('iterations', [1, 5])
 def test_nonlinear_cg_never_increases_objective(seed, iterations):
-  objective, w0 = _relu_fit(seed)
+  data = _relu_fit(seed)
+  objective = lambda w: float(_relu_objective(w, *data))
   solver = sibp_jax.NonlinearCG(iterations=iterations)
-  w, info = jax.jit(solver.minimize, static_argnums=0)(objective, w0)
-  assert float(objective(w)) < float(objective(w0))
+  w, info = _minimize_relu_fit(solver, *data)
+  assert objective(w) < objective(data[-1])
   # The iterates' objective is monotone: each prefix of the run ends no
   # higher than the one before it.
-  values = [float(objective(sibp_jax.NonlinearCG(iterations=k).minimize(
-      objective, w0)[0])) for k in range(1, iterations + 1)]
+  values = [objective(_minimize_relu_fit(sibp_jax.NonlinearCG(iterations=k),
+                                         *data)[0])
+            for k in range(1, iterations + 1)]
   assert all(b <= a for a, b in zip(values, values[1:])), values
   assert int(info.iterations) >= 1 + iterations
 
 
 def test_nonlinear_cg_keeps_point_when_no_step_is_accepted():
   """With no shrinks allowed and a first step far too long, nothing moves."""
-  objective, w0 = _relu_fit(0)
+  data = _relu_fit(0)
   solver = sibp_jax.NonlinearCG(iterations=3, max_shrinks=0,
                                 initial_decrease=1e6)
-  w, _ = solver.minimize(objective, w0)
-  chex.assert_trees_all_equal(w, w0)
+  w, _ = _minimize_relu_fit(solver, *data)
+  chex.assert_trees_all_equal(w, data[-1])
 
 
 def test_nonlinear_cg_stationary_start_stays():
@@ -171,6 +212,22 @@ def test_nonlinear_cg_converges_on_quadratic():
   assert float(info.residual) < 1e-2
 
 
+@jax.jit
+def _minimize_in_both_spaces(f, t, w0):
+  """The ReLU fit below by ``minimize`` (the kernel, through ``linear``)
+  and by ``minimize_in_row_space``; compiled once for every seed."""
+  n, d = t.shape
+  lam, y_old = 0.7, f @ w0
+  fit = lambda y: jnp.sum((jax.nn.relu(y) - t) ** 2)
+  solver = sibp_jax.NonlinearCG(iterations=5)
+  w, info = solver.minimize(
+      lambda y, k: fit(y) + lam * jnp.vdot(k - w0, k - w0), w0,
+      linear=lambda k: f @ k)
+  c, image, info_rows = solver.minimize_in_row_space(
+      lambda v: fit(y_old + v), f @ f.T, lam, jnp.zeros((n, d), f.dtype))
+  return w, info, c, image, info_rows
+
+
 @pytest.mark.parametrize('seed', range(3))
 def test_nonlinear_cg_in_row_space_is_the_same_iteration(seed):
   """Row space (Δ = Fᵀc, n < m) retraces minimize's iterates in float64.
@@ -184,14 +241,7 @@ def test_nonlinear_cg_in_row_space_is_the_same_iteration(seed):
     f = jnp.asarray(rng.normal(size=(n, m)))
     t = jnp.asarray(np.maximum(rng.normal(size=(n, d)), 0))
     w0 = jnp.asarray(rng.normal(size=(m, d))) * 0.3
-    lam, y_old = 0.7, f @ w0
-    fit = lambda y: jnp.sum((jax.nn.relu(y) - t) ** 2)
-    solver = sibp_jax.NonlinearCG(iterations=5)
-    w, info = solver.minimize(
-        lambda y, k: fit(y) + lam * jnp.vdot(k - w0, k - w0), w0,
-        linear=lambda k: f @ k)
-    c, image, info_rows = solver.minimize_in_row_space(
-        lambda v: fit(y_old + v), f @ f.T, lam, jnp.zeros((n, d)))
+    w, info, c, image, info_rows = _minimize_in_both_spaces(f, t, w0)
     np.testing.assert_allclose(w0 + f.T @ c, w, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(image, f @ (f.T @ c), rtol=1e-10, atol=1e-12)
     assert int(info_rows.iterations) == int(info.iterations)
@@ -218,9 +268,9 @@ def test_other_solvers_reject_bad_settings():
 def test_ridge_vmaps_over_problems():
   ps = [_problem(12, 5, 2, seed=s) for s in range(3)]
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
-  batched, _ = jax.vmap(sibp_jax.Ridge().solve)(stacked)
+  batched, _ = jax.jit(jax.vmap(sibp_jax.Ridge().solve))(stacked)
   for i, p in enumerate(ps):
-    single, _ = sibp_jax.Ridge().solve(p)
+    single, _ = _jit_solve(sibp_jax.Ridge(), p)
     chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], batched),
                                 single,
                                 rtol=1e-5, atol=1e-6)
@@ -274,21 +324,33 @@ def _block_cg_reference(p, iterations, blocks, **settings):
   return x.reshape(shape), k
 
 
+CG_ITERATIONS = (1, 2, 3, 10, 50)
+
+
+@functools.cache
+def _block_cg_solutions(blocks, kernel, bias):
+  """The float64 problem, and CG's solves for every ``CG_ITERATIONS``, one
+  program for the tests of these blocks (call under ``enable_x64``)."""
+  p = _problem(30, 12, 5, seed=4, kernel=kernel, bias=bias, lam_kernel=0.05,
+               lam_bias=0.02)
+  p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
+  solvers = tuple(sibp_jax.ConjugateGradient(k, blocks=blocks)
+                  for k in CG_ITERATIONS)
+  return p, dict(zip(CG_ITERATIONS, _jit_solves(solvers, p), strict=True))
+
+
 # float64 on both sides: the two differ only by the order of float64 sums
 # over at most a few hundred terms carried through 50 steps (largest seen
 # 1e-13 relative), far below 1e-10.
 @pytest.mark.parametrize('blocks', ['columns', 'layer'])
-@pytest.mark.parametrize('iterations', [1, 2, 3, 10, 50])
+@pytest.mark.parametrize('iterations', CG_ITERATIONS)
 @pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
                                          (False, True)])
 def test_cg_matches_authors_block_cg(blocks, iterations, kernel, bias):
   with jax.enable_x64(True):
-    p = _problem(30, 12, 5, seed=4, kernel=kernel, bias=bias,
-                 lam_kernel=0.05, lam_bias=0.02)
-    p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
+    p, solved = _block_cg_solutions(blocks, kernel, bias)
     expected, steps = _block_cg_reference(p, iterations, blocks)
-    solver = sibp_jax.ConjugateGradient(iterations, blocks=blocks)
-    delta, info = jax.jit(solver.solve)(p)
+    delta, info = solved[iterations]
     np.testing.assert_allclose(_stack(delta), expected, rtol=1e-10,
                                atol=1e-10 * np.abs(expected).max())
     assert int(info.iterations) == steps
@@ -299,24 +361,28 @@ def test_cg_early_exit_fires_as_the_authors():
   with jax.enable_x64(True):
     p = _problem(40, 12, 5, seed=5, lam_kernel=10.0, lam_bias=10.0)
     p = jax.tree.map(lambda a: a.astype(jnp.float64), p)
-    for tol in (1e-2, 1e-4):
+    tols = (1e-2, 1e-4)
+    solved = _jit_solves(tuple(sibp_jax.ConjugateGradient(50, tol=tol)
+                               for tol in tols), p)
+    for tol, (delta, info) in zip(tols, solved, strict=True):
       expected, steps = _block_cg_reference(p, 50, 'columns', tol=tol)
       assert 1 < steps < 50, steps
-      delta, info = sibp_jax.ConjugateGradient(50, tol=tol).solve(p)
-      assert int(info.iterations) == steps
+      assert int(info.iterations) == steps, tol
       np.testing.assert_allclose(_stack(delta), expected, rtol=1e-10,
-                                 atol=1e-10 * np.abs(expected).max())
+                                 atol=1e-10 * np.abs(expected).max(),
+                                 err_msg=str(tol))
 
 
 def test_cg_columns_are_independent_solves():
   """Column-wise CG of a dense layer = one CG per output unit on its own."""
   p = _problem(30, 6, 4, seed=6)
-  together, _ = sibp_jax.ConjugateGradient(4, tol=0.0).solve(p)
+  solver = sibp_jax.ConjugateGradient(4, tol=0.0)
+  together, _ = _jit_solve(solver, p)
   for j in range(4):
     single = sibp_jax.RidgeProblem(
         p.kind, p.inputs, p.residual[:, j:j + 1], (6, 1), (1,),
         p.lam_kernel, p.lam_bias)
-    alone, _ = sibp_jax.ConjugateGradient(4, tol=0.0).solve(single)
+    alone, _ = _jit_solve(solver, single)
     chex.assert_trees_all_close(
         jax.tree.map(lambda a, j=j: a[..., j:j + 1], together), alone,
         rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ flax's own ``TrainState``, and solvers a user writes.
 """
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -24,8 +25,28 @@ from _models import LinenMLP
 from _models import classification
 from _models import find_info
 from _models import pure
-from _models import step_inputs
 from _models import xent
+
+
+@jax.jit
+def _jit_step_inputs(graphdef, state, x, y):
+  model = nnx.merge(graphdef, state)
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=xent)
+  return grads, nnx.state(model, nnx.Param), problems
+
+
+def step_inputs(model, x, y, variables=False):
+  """``(grads, params, problems)``, by one compiled program per shape.
+
+  The gradient and parameters as pure trees, or (``variables``) as the
+  ``nnx.State``s of ``nnx.Variable``s that nnx hands out.
+  """
+  graphdef, state = nnx.split(model)
+  grads, params, problems = _jit_step_inputs(graphdef, pure(state), x, y)
+  if variables:
+    return grads, params, problems
+  return pure(grads), pure(params), problems
 
 # --------------------------------------------------------------------------
 # Item: directions without cancellation.
@@ -49,18 +70,19 @@ TINY_STEPS = {
         solver=sibp_jax.ConjugateGradient(3)),
     'sibp-ridge-fallback': lambda: sibp_jax.scale_by_sibp(
         0.1, lambda_w=1e8, lambda_b=1e8, solver=sibp_jax.Ridge(max_factor=2)),
+    'sibp-paper': lambda: sibp_jax.scale_by_sibp(
+        0.1, variant='paper', lambda_w=1e8, lambda_b=1e8),
+}
+TINY_STEP_MARKS = {
     # The paper variant hands on its change too, but its line search decides
     # on objective values ‖s(g + FΔ) - t‖² + λ‖Δ‖²: a change of g below
     # float32's resolution of g itself (here FΔ ~ 1e-8 g) cannot be told
     # apart, so its Armijo decisions are round-off. Not a cancellation in
     # the direction; run such settings in float64 (or the linearized
     # variant).
-    'sibp-paper': pytest.param(
-        lambda: sibp_jax.scale_by_sibp(0.1, variant='paper', lambda_w=1e8,
-                                       lambda_b=1e8),
-        marks=pytest.mark.xfail(strict=True, reason=(
-            'float32 objective values cannot resolve a step of 1e-8 of '
-            'the pre-activations'))),
+    'sibp-paper': pytest.mark.xfail(strict=True, reason=(
+        'float32 objective values cannot resolve a step of 1e-8 of the '
+        'pre-activations')),
 }
 
 
@@ -70,17 +92,41 @@ def _to64(tree):
           a.dtype, jnp.floating) else a, tree)
 
 
-@pytest.mark.parametrize('make', list(TINY_STEPS.values()),
-                         ids=list(TINY_STEPS))
-def test_tiny_steps_keep_float32_accuracy(make):
-  model = MLP((6, 8, 5, 3), seed=1)
-  grads, params, problems = step_inputs(model, *classification(batch=16))
-  tx = make()
-  d32, _ = tx.update(grads, tx.init(params), params, problems=problems)
+@functools.cache
+def _tiny_step_inputs():
+  # One hidden layer and the last: the two kinds of layer fit.
+  return step_inputs(MLP((6, 8, 3), seed=1), *classification(batch=16))
+
+
+@jax.jit
+def _jit_tiny_step_directions(grads, params, problems):
+  out = {}
+  for name, make in TINY_STEPS.items():
+    tx = make()
+    out[name] = tx.update(grads, tx.init(params), params,
+                          problems=problems)[0]
+  return out
+
+
+@functools.cache
+def _tiny_step_directions(x64):
+  """``{name: direction}`` for ``TINY_STEPS``, in one compiled program.
+
+  From the same float32 step inputs, in float32 or (``x64``, to be called
+  under ``jax.enable_x64``) converted to float64.
+  """
+  inputs = _tiny_step_inputs()
+  return _jit_tiny_step_directions(*(_to64(inputs) if x64 else inputs))
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=TINY_STEP_MARKS.get(name, ()))
+    for name in TINY_STEPS])
+def test_tiny_steps_keep_float32_accuracy(name):
+  grads = _tiny_step_inputs()[0]
+  d32 = _tiny_step_directions(False)[name]
   with jax.enable_x64(True):
-    p64 = _to64(params)
-    d64, _ = tx.update(_to64(grads), tx.init(p64), p64,
-                       problems=_to64(problems))
+    d64 = _tiny_step_directions(True)[name]
   chex.assert_trees_all_equal_dtypes(d32, grads)
   for a, b in zip(jax.tree.leaves(d32), jax.tree.leaves(d64), strict=True):
     b = np.asarray(b)
@@ -112,20 +158,20 @@ def test_skipped_step_leaves_counts_and_schedules(make):
   x, y = classification()
   grads, params, problems = step_inputs(model, x, y)
   tx = make(schedule)
+  update = jax.jit(tx.update)  # one program for the four steps below
   state = tx.init(params)
-  _, state = tx.update(grads, state, params, problems=problems)
+  _, state = update(grads, state, params, problems=problems)
   counts = _counts(state)
   assert counts and all(c == 1 for c in counts), counts
   bad_grads, _, bad_problems = step_inputs(model, x.at[0, 0].set(jnp.nan), y)
-  updates, bad_state = tx.update(bad_grads, state, params,
-                                 problems=bad_problems)
+  updates, bad_state = update(bad_grads, state, params, problems=bad_problems)
   assert not bool(bad_state[0].info.finite)
   assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
   assert _counts(bad_state) == counts
   # The step after the skipped one is the one that would have come without
   # it: same step size from the schedule, same update.
-  after_skip, _ = tx.update(grads, bad_state, params, problems=problems)
-  straight, _ = tx.update(grads, state, params, problems=problems)
+  after_skip, _ = update(grads, bad_state, params, problems=problems)
+  straight, _ = update(grads, state, params, problems=problems)
   chex.assert_trees_all_close(after_skip, straight, rtol=0, atol=0)
 
 
@@ -138,15 +184,22 @@ def test_skipped_step_leaves_counts_and_schedules(make):
     lambda: sibp_jax.sibp(0.1), lambda: sibp_jax.proxbp(1.0)],
                          ids=['sibp', 'proxbp'])
 def test_update_accepts_nnx_state_of_variables(make):
-  model = MLP((6, 8, 3))
-  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-      model, *classification(), loss_fn=xent)
-  params = nnx.state(model, nnx.Param)
+  grads, params, problems = step_inputs(MLP((6, 8, 3)), *classification(),
+                                        variables=True)
+  assert isinstance(grads, nnx.State) and isinstance(params, nnx.State)
+  assert isinstance(params['layers'][0]['kernel'], nnx.Param)
   tx = make()
-  with_vars, _ = tx.update(grads, tx.init(params), params, problems=problems)
+
+  @jax.jit  # nnx.Variables are pytrees: update sees them inside
+  def both(grads, params, problems):
+    with_vars, _ = tx.update(grads, tx.init(params), params,
+                             problems=problems)
+    plain, _ = tx.update(pure(grads), tx.init(pure(params)), pure(params),
+                         problems=problems)
+    return with_vars, plain
+
+  with_vars, plain = both(grads, params, problems)
   assert isinstance(with_vars, nnx.State)
-  plain, _ = tx.update(pure(grads), tx.init(pure(params)), pure(params),
-                       problems=problems)
   chex.assert_trees_all_equal(pure(with_vars), plain)
   assert float(jnp.abs(plain['layers'][0]['kernel']).max()) > 0
 
@@ -156,9 +209,18 @@ def test_update_accepts_nnx_state_of_variables(make):
 # --------------------------------------------------------------------------
 
 
-def _mismatch(tx, grads, params, problems):
-  _, state = tx.update(grads, tx.init(params), params, problems=problems)
-  return float(find_info(state).grad_mismatch)
+@functools.partial(jax.jit, static_argnums=0)
+def _mismatches(make, grads, params, problems, others):
+  """``grad_mismatch`` of ``make()`` chained after ``optax.identity()`` with
+  ``problems`` and each of ``others``, and chained after clipping, all in one
+  program."""
+  def mismatch(first, problems):
+    tx = optax.chain(first, make())
+    _, state = tx.update(grads, tx.init(params), params, problems=problems)
+    return find_info(state).grad_mismatch
+  return (mismatch(optax.identity(), problems),
+          mismatch(optax.clip_by_global_norm(1e-8), problems),
+          [mismatch(optax.identity(), other) for other in others])
 
 
 @pytest.mark.parametrize('make', [
@@ -168,40 +230,48 @@ def test_grad_mismatch_reports_stale_problems_and_prior_transforms(make):
   model = MLP((6, 8, 3))
   x, y = classification(batch=96)
   grads, params, problems = step_inputs(model, x, y)
-  chained = lambda first: optax.chain(first, make())
+  # Problems of another batch, also of another size.
+  others = [step_inputs(model, *classification(batch=batch, seed=seed))[2]
+            for batch, seed in ((96, 1), (32, 2))]
+  same, clip, other = _mismatches(make, grads, params, problems, others)
   # Same forward pass: float32 round-off of one product (~1e-7 relative).
-  same = _mismatch(chained(optax.identity()), grads, params, problems)
-  assert same < 1e-5, same
+  assert float(same) < 1e-5, same
   # A transformation before it changes the gradient but not the step.
-  clip = chained(optax.clip_by_global_norm(1e-8))
-  assert _mismatch(clip, grads, params, problems) > 0.5
+  assert float(clip) > 0.5
   # Problems of another batch, also of another size, are reported.
-  for batch, seed in ((96, 1), (32, 2)):
-    _, _, other = step_inputs(model, *classification(batch=batch, seed=seed))
-    assert _mismatch(chained(optax.identity()), grads, params, other) > 0.05
+  for value in other:
+    assert float(value) > 0.05
 
 
 def test_problems_that_disagree_in_shape_raise():
-  model = MLP((6, 8, 3))
-  grads, params, problems = step_inputs(model, *classification(batch=32))
-  _, _, small = step_inputs(model, *classification(batch=8))
+  graphdef, state = nnx.split(MLP((6, 8, 3)))
+  # Shapes are enough: the step inputs as abstract values.
+  grads, params, problems = pure(jax.eval_shape(
+      _jit_step_inputs, graphdef, pure(state), *classification(batch=32)))
+  _, _, small = jax.eval_shape(_jit_step_inputs, graphdef, pure(state),
+                               *classification(batch=8))
   broken = dataclasses.replace(problems, output_error=small.output_error)
   tx = sibp_jax.sibp(0.1)
   with pytest.raises(ValueError, match='batch|shape'):
-    jax.jit(tx.update)(grads, tx.init(params), params, problems=broken)
+    jax.jit(tx.update).trace(grads, tx.init(params), params, problems=broken)
 
 
 def test_flax_train_state_is_named_in_the_missing_problems_message():
   module = LinenMLP((6, 8, 3))
   x, y = classification()
-  params = module.init(jax.random.key(0), x)['params']
-  state = train_state.TrainState.create(apply_fn=module.apply, params=params,
-                                        tx=sibp_jax.sibp(0.1))
-  loss, grads, problems = sibp_jax.linen.value_grad_and_problems(
-      module, params, x, y, loss_fn=xent)
-  del loss
+
+  def step(x, y):
+    params = module.init(jax.random.key(0), x)['params']
+    state = train_state.TrainState.create(
+        apply_fn=module.apply, params=params, tx=sibp_jax.sibp(0.1))
+    loss, grads, problems = sibp_jax.linen.value_grad_and_problems(
+        module, params, x, y, loss_fn=xent)
+    del loss
+    return state.apply_gradients(grads=grads, problems=problems)
+
+  # Raised while tracing, as in an eager call.
   with pytest.raises(ValueError, match='sibp_jax.linen.TrainState'):
-    state.apply_gradients(grads=grads, problems=problems)
+    jax.eval_shape(step, x, y)
 
 
 # --------------------------------------------------------------------------
@@ -229,8 +299,15 @@ def test_user_solver_is_accepted_and_used(make):
   model = MLP((6, 8, 3))
   grads, params, problems = step_inputs(model, *classification())
   ours, theirs = make(sibp_jax.Ridge()), make(Delegate())
-  a, _ = ours.update(grads, ours.init(params), params, problems=problems)
-  b, _ = theirs.update(grads, theirs.init(params), params, problems=problems)
+
+  @jax.jit
+  def both(grads, params, problems):
+    a, _ = ours.update(grads, ours.init(params), params, problems=problems)
+    b, _ = theirs.update(grads, theirs.init(params), params,
+                         problems=problems)
+    return a, b
+
+  a, b = both(grads, params, problems)
   chex.assert_trees_all_equal(a, b)
 
 
@@ -252,10 +329,10 @@ def test_ridge_says_its_path_and_reports_the_fallback():
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           tall)
   assert sibp_jax.Ridge().path(abstract) == 'cholesky'
-  _, info = sibp_jax.Ridge().solve(tall)
+  (_, info), (_, small_info) = jax.jit(
+      lambda p: (sibp_jax.Ridge().solve(p), small.solve(p)))(tall)
   assert not bool(info.fallback)
-  _, info = small.solve(tall)
-  assert bool(info.fallback) and int(info.iterations) > 0
+  assert bool(small_info.fallback) and int(small_info.iterations) > 0
 
 
 def test_solver_must_have_a_solve_method():

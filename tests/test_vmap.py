@@ -83,6 +83,17 @@ def _assert_same_runs(batched, separate):
     np.testing.assert_array_equal(iterations[k], its)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _separate_run(factory, graphdef, hyper, params, xs, ys):
+  """One unbatched run of ``train`` with ``factory(hyper)``, ``hyper``
+  traced: the reference runs of the tests below share these programs."""
+  return train(factory(hyper), graphdef, params, xs, ys)
+
+
+def _proxbp_with_tau(tau):
+  return sibp_jax.proxbp(1.0, tau_prox=tau)
+
+
 LEARNING_RATE_RUNS = {
     'sibp_linearized': (sibp_jax.sibp, (0.05, 0.3, 2.0)),
     'sibp_paper': (functools.partial(sibp_jax.sibp, variant='paper'),
@@ -109,8 +120,9 @@ def test_vmap_over_learning_rates_equals_separate_runs(name):
   batched = jax.jit(jax.vmap(run))(jnp.asarray(rates))
   # The reference runs build the optimizer with each rate as a plain
   # argument (traced, one compile), without inject_hyperparams.
-  separate = jax.jit(lambda lr: train(factory(lr), graphdef, params, xs, ys))
-  _assert_same_runs(batched, [separate(lr) for lr in rates])
+  _assert_same_runs(batched, [
+      _separate_run(factory, graphdef, jnp.float32(lr), params, xs, ys)
+      for lr in rates])
 
 
 def test_vmap_over_tau_prox_with_the_hyperparameter_traced():
@@ -120,19 +132,22 @@ def test_vmap_over_tau_prox_with_the_hyperparameter_traced():
   taus = jnp.asarray([0.01, 0.05, 0.5])
 
   def run(tau):
-    return train(sibp_jax.proxbp(1.0, tau_prox=tau), graphdef, params, xs, ys)
+    return train(_proxbp_with_tau(tau), graphdef, params, xs, ys)
 
   batched = jax.jit(jax.vmap(run))(taus)
-  _assert_same_runs(batched, [jax.jit(run)(t) for t in taus])
+  _assert_same_runs(batched, [
+      _separate_run(_proxbp_with_tau, graphdef, t, params, xs, ys)
+      for t in taus])
 
 
-@pytest.mark.parametrize('name,tx', [
-    ('sibp_linearized', sibp_jax.sibp(0.1)),
-    ('proxbp_exact', sibp_jax.proxbp(1.0, tau_prox=0.05)),
-])
-def test_vmap_over_seeds_and_batches_equals_separate_runs(name, tx):
+# The optimizer as (factory, hyperparameter): the separate runs are those of
+# the tests above.
+@pytest.mark.parametrize('factory,hyper', [
+    (sibp_jax.sibp, 0.1), (_proxbp_with_tau, 0.05),
+], ids=['sibp_linearized', 'proxbp_exact'])
+def test_vmap_over_seeds_and_batches_equals_separate_runs(factory, hyper):
   """K model replicas from K seeds, each on its own batches."""
-  del name
+  tx = factory(hyper)
   models = [_split(MLP((6, 8, 3), seed=s)) for s in range(K)]
   graphdef = models[0][0]
   params = jax.tree.map(lambda *a: jnp.stack(a), *[p for _, p in models])
@@ -143,9 +158,9 @@ def test_vmap_over_seeds_and_batches_equals_separate_runs(name, tx):
     return train(tx, graphdef, params, xs, ys)
 
   batched = jax.jit(jax.vmap(run))(params, xs, ys)
-  single = jax.jit(run)
-  _assert_same_runs(batched, [single(p, *d) for (_, p), d in
-                              zip(models, data)])
+  _assert_same_runs(batched, [
+      _separate_run(factory, graphdef, jnp.float32(hyper), p, *d)
+      for (_, p), d in zip(models, data)])
 
 
 def test_nnx_vmap_of_model_and_optimizer():
