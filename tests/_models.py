@@ -1,5 +1,7 @@
 """Small models and data shared by the tests."""
 
+import collections
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -193,3 +195,109 @@ def step_inputs(model, x, y, loss_fn=xent):
 def find_info(state):
   """The SIBPInfo inside any optax state."""
   return optax.tree_utils.tree_get(nnx.as_pure(state), 'info')
+
+
+# Compiled programs shared by the tests. jax.jit and nnx.jit reuse a
+# compiled program only for the same function object (and, under nnx.jit,
+# the same graph definition, which holds an nnx.Optimizer's tx): the
+# programs below are built once per key, with one tx object per
+# transformation name, so that tests calling them with the same shapes
+# share one compilation. TRACES counts the traces of each program by its
+# key, for the tests that check that a step is not traced again.
+TRACES = collections.Counter()
+_PROGRAMS = {}
+_TXS = {}
+
+
+def transform(name):
+  """The one ``TRANSFORMS[name]()`` object that the shared programs use."""
+  if name not in _TXS:
+    _TXS[name] = TRANSFORMS[name]()
+  return _TXS[name]
+
+
+def nnx_step(loss_fn=xent):
+  """``step(model, opt, x, y) -> loss``: one nnx.jit train step per loss.
+
+  The step of the README: ``value_grad_and_problems`` then
+  ``opt.update(model, grads, problems=problems)``. ``model`` and ``opt``
+  may also be dicts of models and of their optimizers, with the same keys:
+  the step then trains each on the batch, in one program, and returns a
+  dict of losses. Its traces are counted in ``TRACES['nnx_step', loss_fn]``.
+  """
+  key = ('nnx_step', loss_fn)
+  if key not in _PROGRAMS:
+
+    def one(model, opt, x, y):
+      loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+          model, x, y, loss_fn=loss_fn)
+      opt.update(model, grads, problems=problems)
+      return loss
+
+    @nnx.jit
+    def step(model, opt, x, y):
+      TRACES[key] += 1
+      if isinstance(model, dict):
+        return {k: one(model[k], opt[k], x, y) for k in model}
+      return one(model, opt, x, y)
+
+    _PROGRAMS[key] = step
+  return _PROGRAMS[key]
+
+
+def jit_step_inputs(model, x, y, loss_fn=xent):
+  """``(loss, grads, params, problems)``: :func:`step_inputs` and the loss
+  from one nnx.jit program per loss function (the model's BatchStat and
+  random state advance as in an eager call)."""
+  key = ('step_inputs', loss_fn)
+  if key not in _PROGRAMS:
+
+    @nnx.jit
+    def run(model, x, y):
+      TRACES[key] += 1
+      loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+          model, x, y, loss_fn=loss_fn)
+      return loss, pure(grads), pure(nnx.state(model, nnx.Param)), problems
+
+    _PROGRAMS[key] = run
+  return _PROGRAMS[key](model, x, y)
+
+
+def jit_update(name):
+  """``update(grads, state, params, problems) -> (updates, state)``: the
+  update of ``transform(name)`` under one jax.jit per name. Traces are
+  counted in ``TRACES['update', name]``."""
+  key = ('update', name)
+  if key not in _PROGRAMS:
+    tx = transform(name)
+
+    @jax.jit
+    def update(grads, state, params, problems):
+      TRACES[key] += 1
+      return tx.update(grads, state, params, problems=problems)
+
+    _PROGRAMS[key] = update
+  return _PROGRAMS[key]
+
+
+def jit_updates(names):
+  """``updates(grads, params, problems) -> {name: (updates, state)}``: the
+  first update (from the initial state) of ``transform(name)`` for each
+  name, all in one jax.jit program per tuple of names (one program for
+  several transformations compiles faster than one each)."""
+  names = tuple(names)
+  key = ('updates', names)
+  if key not in _PROGRAMS:
+
+    @jax.jit
+    def updates(grads, params, problems):
+      TRACES[key] += 1
+      out = {}
+      for name in names:
+        tx = transform(name)
+        out[name] = tx.update(grads, tx.init(params), params,
+                              problems=problems)
+      return out
+
+    _PROGRAMS[key] = updates
+  return _PROGRAMS[key]

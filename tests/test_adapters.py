@@ -1,5 +1,7 @@
 """The Flax adapters: what they record, nnx and linen agreeing, and errors."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -15,8 +17,12 @@ from _models import MLP
 from _models import TRANSFORMS
 from _models import LinenMLP
 from _models import classification
+from _models import jit_step_inputs
+from _models import jit_updates
+from _models import nnx_step
 from _models import pure
 from _models import step_inputs
+from _models import transform
 from _models import xent
 
 
@@ -69,18 +75,15 @@ def test_sequential_and_other_activations_with_flatten():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(9, 3, 4)),
                   jnp.float32)
   y = jnp.zeros((9,), jnp.int32)
-  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-      model, x, y, loss_fn=xent)
+  _, grads, params, problems = jit_step_inputs(model, x, y)
   assert problems.layers[1].bias_path is None
   g = problems.layers[0].outputs
   chex.assert_trees_all_close(problems.layers[0].segment(g), jnp.tanh(g),
                               rtol=1e-6)
-  for name in ('sibp_linearized', 'sibp_paper', 'proxbp_exact'):
-    tx = TRANSFORMS[name]()
-    params = pure(nnx.state(model, nnx.Param))
-    updates, state = tx.update(pure(grads), tx.init(params), params,
-                               problems=problems)
-    chex.assert_tree_all_finite(updates)
+  names = ('sibp_linearized', 'sibp_paper', 'proxbp_exact')
+  out = jit_updates(names)(grads, params, problems)
+  for name in names:
+    chex.assert_tree_all_finite(out[name][0])
 
 
 def _linen_params_from(model):
@@ -91,23 +94,26 @@ def _linen_params_from(model):
                   'bias': model.layers[-1].bias[...]}}
 
 
-@pytest.mark.parametrize('name', sorted(TRANSFORMS))
-def test_nnx_and_linen_give_the_same_update(name):
+@functools.cache
+def _nnx_and_linen_updates():
+  """The first update of each transformation on the same MLP and batch,
+  from the nnx adapter and from the linen one."""
   sizes = (6, 8, 5, 3)
   model = MLP(sizes, seed=3)
   x, y = classification(seed=3)
   module = LinenMLP(sizes)
   lparams = _linen_params_from(model)
+  update = jit_updates(sorted(TRANSFORMS))
+  _, grads, params, problems = jit_step_inputs(model, x, y)
+  _, lgrads, lproblems = jax.jit(
+      lambda params, x, y: sibp_jax.linen.value_grad_and_problems(
+          module, params, x, y, loss_fn=xent))(lparams, x, y)
+  return update(grads, params, problems), update(lgrads, lparams, lproblems)
 
-  tx = TRANSFORMS[name]()
-  grads, params, problems = step_inputs(model, x, y)
-  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
 
-  ltx = TRANSFORMS[name]()
-  lloss, lgrads, lproblems = sibp_jax.linen.value_grad_and_problems(
-      module, lparams, x, y, loss_fn=xent)
-  lupdates, _ = ltx.update(lgrads, ltx.init(lparams), lparams,
-                           problems=lproblems)
+@pytest.mark.parametrize('name', sorted(TRANSFORMS))
+def test_nnx_and_linen_give_the_same_update(name):
+  updates, lupdates = (out[name][0] for out in _nnx_and_linen_updates())
   for i in range(3):
     key = 'out' if i == 2 else f'dense_{i}'
     for leaf in ('kernel', 'bias'):
@@ -121,11 +127,12 @@ def test_linen_accepts_variables_and_train_state():
   module = LinenMLP(sizes)
   x, y = classification()
   variables = module.init(jax.random.key(0), x)
-  tx = sibp_jax.sibp(0.1)
+  tx = transform('sibp_linearized')  # sibp(0.1)
   _, grads, problems = sibp_jax.linen.value_grad_and_problems(
       module, variables, x, y, loss_fn=xent)
   assert problems.layers[0].kernel_path == ('params', 'dense_0', 'kernel')
-  u1, _ = tx.update(grads, tx.init(variables), variables, problems=problems)
+  u1, _ = jit_updates(['sibp_linearized'])(
+      grads, variables, problems)['sibp_linearized']
 
   state = sibp_jax.linen.TrainState.create(
       apply_fn=module.apply, params=variables['params'], tx=tx)
@@ -291,15 +298,9 @@ def test_nnx_optimizer_and_apply_in_one_jit_match_eager():
   grads, params, problems = step_inputs(model, x, y)
   tx = sibp_jax.sibp(0.1)
   eager, _ = tx.update(grads, tx.init(params), params, problems=problems)
-  opt = nnx.Optimizer(model, sibp_jax.sibp(0.1), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, x, y):
-    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, x, y, loss_fn=xent)
-    opt.update(model, grads, problems=problems)
-
-  step(model, opt, x, y)
+  # transform('sibp_linearized') is sibp(0.1).
+  opt = nnx.Optimizer(model, transform('sibp_linearized'), wrt=nnx.Param)
+  nnx_step(xent)(model, opt, x, y)
   moved = jax.tree.map(jnp.subtract, pure(nnx.state(model, nnx.Param)),
                        params)
   chex.assert_trees_all_close(moved, eager, rtol=1e-5, atol=1e-7)

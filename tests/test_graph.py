@@ -22,14 +22,18 @@ from flax import nnx
 import sibp_jax
 
 from _models import GRAPH_TRANSFORMS
+from _models import MLP
 from _models import TRANSFORMS
 from _models import LinenResNet
 from _models import ResNet
 from _models import arch_data
 from _models import classification
+from _models import jit_step_inputs
+from _models import jit_updates
 from _models import linen_variables_from
+from _models import nnx_step
 from _models import pure
-from _models import step_inputs
+from _models import transform
 from _models import xent
 
 
@@ -130,21 +134,58 @@ def _numpy_sweep(model, x, e, rule, eta=0.3, lam_w=0.7, lam_b=1.3,
   return updates
 
 
+@jax.jit
+def _directions(taus, sibp_hyper, cases):
+  """For each case ``(grads, params, problems)`` of the dict ``cases``:
+  ProxBP's direction at each τ of ``taus`` and SIBP linearized's at each row
+  ``(η, λ_W, λ_b)`` of ``sibp_hyper`` (either may be ``None``), from the
+  initial states, stacked along a leading axis. One program for all cases
+  and values (τ, η and λ are traced)."""
+
+  def directions(grads, params, problems):
+    def direction(tx):
+      return tx.update(grads, tx.init(params), params, problems=problems)[0]
+
+    prox = sibp = None
+    if taus is not None:
+      prox = jax.vmap(lambda tau: direction(sibp_jax.scale_by_proxbp(tau)))(
+          taus)
+    if sibp_hyper is not None:
+      sibp = jax.vmap(lambda h: direction(sibp_jax.scale_by_sibp(
+          h[0], lambda_w=h[1], lambda_b=h[2])))(sibp_hyper)
+    return prox, sibp
+
+  return {k: directions(*case) for k, case in cases.items()}
+
+
+def _at(tree, k):
+  return jax.tree.map(lambda a: a[k], tree)
+
+
+@functools.cache
+def _transcription_case():
+  """The tiny residual net's inputs, and its ProxBP (τ = 0.2) and SIBP
+  linearized (η = 0.3, λ_W = 0.7, λ_b = 1.3) directions, in float64."""
+  with jax.enable_x64(True):
+    model = ResMLP()
+    x, y = classification(batch=7, d_in=4, classes=2, seed=1)
+    x = x.astype(jnp.float64)
+    start = ResMLP()
+    _, grads, params, problems = jit_step_inputs(model, x, y)
+    prox, sibp = _directions(jnp.asarray([0.2]),
+                             jnp.asarray([[0.3, 0.7, 1.3]]),
+                             {'': (grads, params, problems)})['']
+    return start, x, grads, problems, {'proxbp': _at(prox, 0),
+                                       'linearized': _at(sibp, 0)}
+
+
 @pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('rule', ['linearized', 'proxbp'])
 def test_graph_sweep_matches_a_numpy_transcription(rule):
-  model = ResMLP()
-  x, y = classification(batch=7, d_in=4, classes=2, seed=1)
-  x = x.astype(jnp.float64)
-  start = ResMLP()
-  grads, params, problems = step_inputs(model, x, y)
-  if rule == 'linearized':
-    tx = sibp_jax.scale_by_sibp(0.3, lambda_w=0.7, lambda_b=1.3)
-    scale = -0.3  # the direction is -ΔX / η
-  else:
-    tx = sibp_jax.scale_by_proxbp(0.2)
-    scale = -1.0  # the direction is -ΔX
-  direction, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  start, x, grads, problems, directions = _transcription_case()
+  direction = directions[rule]
+  # SIBP's direction is -ΔX / η, ProxBP's -ΔX.
+  scale = -0.3 if rule == 'linearized' else -1.0
   expected = _numpy_sweep(start, x, problems.output_error, rule)
   for name, (dk, db) in expected.items():
     # float64 on both sides: agreement to round-off of the solves.
@@ -190,6 +231,30 @@ def _leaves(tree):
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+TAUS = (1e-5, 1e-6)
+LAMBDAS = (1e5, 1e6)
+ETA = 0.5
+
+
+@functools.cache
+def _limits():
+  """For each of MODELS, in float64: grads, problems, ProxBP's directions at
+  TAUS and SIBP linearized's (η = ETA, λ_W = λ_b = λ) at LAMBDAS, from one
+  program."""
+  with jax.enable_x64(True):
+    cases = {}
+    for name, (make, kind) in MODELS.items():
+      _, grads, params, problems = jit_step_inputs(make(), *_data(kind))
+      cases[name] = (grads, params, problems)
+    out = _directions(
+        jnp.asarray(TAUS), jnp.asarray([[ETA, lam, lam] for lam in LAMBDAS]),
+        cases)
+  return {name: (grads, problems,
+                 [_at(out[name][0], k) for k in range(len(TAUS))],
+                 [_at(out[name][1], k) for k in range(len(LAMBDAS))])
+          for name, (grads, _, problems) in cases.items()}
+
+
 @pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_proxbp_small_tau_is_the_gradient_on_residual_nets(name):
@@ -200,16 +265,10 @@ def test_proxbp_small_tau_is_the_gradient_on_residual_nets(name):
   layer is backprop's: summed over residual branches and pulled back through
   BatchNorm's batch statistics and the forward pass's dropout mask.
   """
-  make, kind = MODELS[name]
-  model = make()
-  x, y = _data(kind)
-  grads, params, problems = step_inputs(model, x, y)
+  grads, problems, directions, _ = _limits()[name]
   owned = _owned(problems)
   errors = []
-  for tau in (1e-5, 1e-6):
-    tx = sibp_jax.scale_by_proxbp(tau)
-    direction, _ = tx.update(grads, tx.init(params), params,
-                             problems=problems)
+  for tau, direction in zip(TAUS, directions):
     worst = 0.0
     for path, d in _leaves(direction).items():
       g = _leaves(grads)[path]
@@ -228,17 +287,11 @@ def test_proxbp_small_tau_is_the_gradient_on_residual_nets(name):
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_sibp_large_lambda_is_an_sgd_step_on_residual_nets(name):
   """λ → ∞: ΔX → -(η B / λ) ∇J for every owned parameter."""
-  make, kind = MODELS[name]
-  model = make()
-  x, y = _data(kind)
-  grads, params, problems = step_inputs(model, x, y)
+  grads, problems, _, directions = _limits()[name]
   owned = _owned(problems)
-  eta, batch = 0.5, problems.batch_size
+  batch = problems.batch_size
   errors = []
-  for lam in (1e5, 1e6):
-    tx = sibp_jax.scale_by_sibp(eta, lambda_w=lam, lambda_b=lam)
-    direction, _ = tx.update(grads, tx.init(params), params,
-                             problems=problems)
+  for lam, direction in zip(LAMBDAS, directions):
     worst = scale = 0.0
     for path, d in _leaves(direction).items():
       if path[:-1] not in owned:
@@ -254,27 +307,32 @@ def test_sibp_large_lambda_is_an_sgd_step_on_residual_nets(name):
 
 
 def test_chain_update_is_unchanged_by_the_graph_sweep():
-  """On a chain, the graph sweep gives the segment sweep's update."""
-  from _models import MLP
+  """On a chain, the graph sweep gives the segment sweep's update.
+
+  Every transformation (the paper variant, which sweeps the segments
+  either way, too), from one program per kind of problems; the nnx one is
+  also tests/test_adapters.py's (same shapes).
+  """
   model = MLP((6, 8, 5, 3), seed=4)
   x, y = classification(seed=4)
-  grads, params, problems = step_inputs(model, x, y)
+  _, grads, params, problems = jit_step_inputs(model, x, y)
   chain = sibp_jax.Problems(problems.layers, problems.output_error)
-  for name in GRAPH_TRANSFORMS:
-    tx = TRANSFORMS[name]()
-    a, _ = tx.update(grads, tx.init(params), params, problems=problems)
-    b, _ = tx.update(grads, tx.init(params), params, problems=chain)
+  update = jit_updates(sorted(TRANSFORMS))
+  a = update(grads, params, problems)
+  b = update(grads, params, chain)
+  for name in sorted(TRANSFORMS):
     # float32 round-off: the same operations in another program.
-    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(a[name][0], b[name][0], rtol=1e-5,
+                                atol=1e-7, custom_message=name)
 
 
 def test_paper_variant_refuses_a_graph_and_takes_a_chain_with_norm():
-  model = ResNet()
-  grads, params, problems = step_inputs(model, *arch_data('resnet'))
-  tx = sibp_jax.sibp(0.1, variant='paper')
+  # transform('sibp_paper') is sibp(0.1, variant='paper').
+  update = jit_updates(['sibp_paper'])
+  _, grads, params, problems = jit_step_inputs(ResNet(), *arch_data('resnet'))
   with pytest.raises(ValueError, match="output of layer 'stem' does not "
                                        'feed the next layer alone'):
-    tx.update(grads, tx.init(params), params, problems=problems)
+    update(grads, params, problems)
 
   class NormChain(nnx.Module):
     def __init__(self):
@@ -285,9 +343,9 @@ def test_paper_variant_refuses_a_graph_and_takes_a_chain_with_norm():
     def __call__(self, x):
       return self.b(jax.nn.relu(self.norm(self.a(x))))
 
-  grads, params, problems = step_inputs(NormChain(), *classification())
+  _, grads, params, problems = jit_step_inputs(NormChain(), *classification())
   assert problems.layers[0].segment is not None
-  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  updates, _ = update(grads, params, problems)['sibp_paper']
   chex.assert_tree_all_finite(updates)
 
 
@@ -295,15 +353,8 @@ def test_nnx_batch_stats_are_those_of_a_plain_forward_pass():
   model = ResNet(seed=1)
   reference = nnx.clone(model)
   x, y = arch_data('resnet', seed=1)
-  opt = nnx.Optimizer(model, sibp_jax.sibp(0.1), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, x, y):
-    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, x, y, loss_fn=xent)
-    opt.update(model, grads, problems=problems)
-
-  step(model, opt, x, y)
+  opt = nnx.Optimizer(model, transform('sibp_linearized'), wrt=nnx.Param)
+  nnx_step(xent)(model, opt, x, y)
   reference(x)
   stats = pure(nnx.state(model, nnx.BatchStat))
   chex.assert_trees_all_close(stats, pure(nnx.state(reference, nnx.BatchStat)),
@@ -319,9 +370,10 @@ def test_nnx_dropout_mask_is_the_forward_passes():
   BatchNorm, has no gradient and is left out)."""
   model = ResMLP(dtype=jnp.float32, dropout=0.5, seed=5)
   x, y = classification(batch=64, d_in=4, classes=2, seed=5)
-  grads, params, problems = step_inputs(model, x, y)
-  tx = sibp_jax.scale_by_proxbp(1e-4)
-  direction, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  _, grads, params, problems = jit_step_inputs(model, x, y)
+  prox, _ = _directions(jnp.asarray([1e-4]), None,
+                        {'': (grads, params, problems)})['']
+  direction = _at(prox, 0)
   for name, leaf in [('stem', 'bias'), ('stem', 'kernel'), ('d1', 'kernel'),
                      ('proj', 'bias'), ('d3', 'kernel')]:
     a = np.ravel(direction[name][leaf])
@@ -330,28 +382,40 @@ def test_nnx_dropout_mask_is_the_forward_passes():
     assert cos > 0.999, (name, leaf, cos)
 
 
-@pytest.mark.parametrize('name', GRAPH_TRANSFORMS)
-def test_nnx_and_linen_give_the_same_update_on_a_resnet(name):
+@functools.cache
+def _nnx_and_linen_on_a_resnet():
+  """The first update of each of GRAPH_TRANSFORMS on the same ResNet and
+  batch, from the nnx adapter and from the linen one, and the BatchNorm
+  statistics after each adapter's forward pass."""
   model = ResNet(seed=6)
   variables = linen_variables_from(model)
   x, y = arch_data('resnet', seed=6)
-  tx = TRANSFORMS[name]()
-  grads, params, problems = step_inputs(model, x, y)
-  updates, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  update = jit_updates(GRAPH_TRANSFORMS)
+  _, grads, params, problems = jit_step_inputs(model, x, y)
+  updates = update(grads, params, problems)
 
   module = LinenResNet()
-  ltx = TRANSFORMS[name]()
-  _, lgrads, lproblems, updated = sibp_jax.linen.value_grad_and_problems(
-      module, variables['params'], x, y, loss_fn=xent,
-      model_state={'batch_stats': variables['batch_stats']},
-      mutable=['batch_stats'])
-  lupdates, _ = ltx.update(lgrads, ltx.init(variables['params']),
-                           variables['params'], problems=lproblems)
+
+  @jax.jit
+  def linen_step_inputs(params, batch_stats, x, y):
+    return sibp_jax.linen.value_grad_and_problems(
+        module, params, x, y, loss_fn=xent,
+        model_state={'batch_stats': batch_stats}, mutable=['batch_stats'])
+
+  _, lgrads, lproblems, updated = linen_step_inputs(
+      variables['params'], variables['batch_stats'], x, y)
+  lupdates = update(lgrads, variables['params'], lproblems)
+  return (updates, lupdates, updated['batch_stats'],
+          dict(pure(nnx.state(model, nnx.BatchStat))))
+
+
+@pytest.mark.parametrize('name', GRAPH_TRANSFORMS)
+def test_nnx_and_linen_give_the_same_update_on_a_resnet(name):
+  updates, lupdates, lstats, stats = _nnx_and_linen_on_a_resnet()
   # float32 round-off of two programs computing the same step.
-  chex.assert_trees_all_close(lupdates, dict(updates), rtol=2e-4, atol=1e-6)
-  chex.assert_trees_all_close(
-      updated['batch_stats'], dict(pure(nnx.state(model, nnx.BatchStat))),
-      rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(lupdates[name][0], dict(updates[name][0]),
+                              rtol=2e-4, atol=1e-6)
+  chex.assert_trees_all_close(lstats, stats, rtol=1e-5, atol=1e-7)
 
 
 def test_linen_batch_stats_dropout_and_call_arguments_in_a_train_state():
@@ -412,14 +476,16 @@ def test_linen_variables_dict_does_not_train_batch_stats():
   module = LinenResNet()
   x, y = arch_data('resnet')
   variables = module.init(jax.random.key(0), x, train=False)
-  _, grads, problems, updated = sibp_jax.linen.value_grad_and_problems(
-      module, variables, x, y, loss_fn=xent, mutable=['batch_stats'])
+  _, grads, problems, updated = jax.jit(
+      lambda variables, x, y: sibp_jax.linen.value_grad_and_problems(
+          module, variables, x, y, loss_fn=xent, mutable=['batch_stats']))(
+              variables, x, y)
   assert problems.layers[0].kernel_path == ('params', 'stem', 'kernel')
   for leaf in jax.tree.leaves(grads['batch_stats']):
     assert float(jnp.abs(leaf).max()) == 0.0
-  tx = sibp_jax.sibp(0.1)
-  updates, _ = tx.update(grads, tx.init(variables), variables,
-                         problems=problems)
+  # transform('sibp_linearized') is sibp(0.1).
+  updates, _ = jit_updates(['sibp_linearized'])(
+      grads, variables, problems)['sibp_linearized']
   for leaf in jax.tree.leaves(updates['batch_stats']):
     assert float(jnp.abs(leaf).max()) == 0.0
   assert not jax.tree.all(jax.tree.map(
@@ -477,8 +543,9 @@ def test_vmap_over_learning_rates_on_a_resnet(name):
 
   rates = jnp.asarray([0.05, 0.3])
   batched = jax.jit(jax.vmap(run))(rates)
+  run_one = jax.jit(run)  # one program for both rates
   for k, lr in enumerate(rates):
-    single = jax.jit(run)(lr)
+    single = run_one(lr)
     chex.assert_trees_all_close(jax.tree.map(lambda a, k=k: a[k], batched),
                                 single, rtol=1e-4, atol=1e-6)
 
