@@ -21,7 +21,6 @@ from flax import nnx
 
 import sibp_jax
 
-from _models import GRAPH_TRANSFORMS
 from _models import MLP
 from _models import TRANSFORMS
 from _models import LinenResNet
@@ -382,15 +381,21 @@ def test_nnx_dropout_mask_is_the_forward_passes():
     assert cos > 0.999, (name, leaf, cos)
 
 
+# The transformations run end to end from both adapters: an exact solve and
+# CG. Every transformation is a function of (grads, params, problems), which
+# the test compares leaf by leaf, so the others would add compile time only.
+_BOTH_ADAPTERS = ('sibp_linearized', 'proxbp_cg3')
+
+
 @functools.cache
 def _nnx_and_linen_on_a_resnet():
-  """The first update of each of GRAPH_TRANSFORMS on the same ResNet and
-  batch, from the nnx adapter and from the linen one, and the BatchNorm
-  statistics after each adapter's forward pass."""
+  """From the nnx adapter and from the linen one, on the same ResNet and
+  batch: gradients, problems, the first update of each of _BOTH_ADAPTERS,
+  and the BatchNorm statistics after the forward pass."""
   model = ResNet(seed=6)
   variables = linen_variables_from(model)
   x, y = arch_data('resnet', seed=6)
-  update = jit_updates(GRAPH_TRANSFORMS)
+  update = jit_updates(_BOTH_ADAPTERS)
   _, grads, params, problems = jit_step_inputs(model, x, y)
   updates = update(grads, params, problems)
 
@@ -405,17 +410,32 @@ def _nnx_and_linen_on_a_resnet():
   _, lgrads, lproblems, updated = linen_step_inputs(
       variables['params'], variables['batch_stats'], x, y)
   lupdates = update(lgrads, variables['params'], lproblems)
-  return (updates, lupdates, updated['batch_stats'],
-          dict(pure(nnx.state(model, nnx.BatchStat))))
+  return ((dict(grads), problems, updates, dict(
+      pure(nnx.state(model, nnx.BatchStat)))),
+          (lgrads, lproblems, lupdates, updated['batch_stats']))
 
 
-@pytest.mark.parametrize('name', GRAPH_TRANSFORMS)
-def test_nnx_and_linen_give_the_same_update_on_a_resnet(name):
-  updates, lupdates, lstats, stats = _nnx_and_linen_on_a_resnet()
-  # float32 round-off of two programs computing the same step.
-  chex.assert_trees_all_close(lupdates[name][0], dict(updates[name][0]),
-                              rtol=2e-4, atol=1e-6)
+def test_nnx_and_linen_give_the_same_problems_and_updates_on_a_resnet():
+  nnx_out, linen_out = _nnx_and_linen_on_a_resnet()
+  grads, problems, updates, stats = nnx_out
+  lgrads, lproblems, lupdates, lstats = linen_out
+  # float32 round-off of two programs computing the same forward pass.
+  chex.assert_trees_all_close(lgrads, grads, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_close(lstats, stats, rtol=1e-5, atol=1e-7)
+  # The same layer problems (the segments between them hold each adapter's
+  # own module state; the updates below run through them).
+  assert len(lproblems.layers) == len(problems.layers) == 7
+  for a, b in zip(lproblems.layers, problems.layers):
+    assert (a.kind, a.kernel_path, a.bias_path) == (
+        b.kind, b.kernel_path, b.bias_path)
+    chex.assert_trees_all_close((a.inputs, a.outputs), (b.inputs, b.outputs),
+                                rtol=1e-5, atol=1e-6, custom_message=a.name)
+  chex.assert_trees_all_close(lproblems.output_error, problems.output_error,
+                              rtol=1e-5, atol=1e-7)
+  for name in _BOTH_ADAPTERS:
+    # The solves amplify that round-off.
+    chex.assert_trees_all_close(lupdates[name][0], dict(updates[name][0]),
+                                rtol=2e-4, atol=1e-6, custom_message=name)
 
 
 def test_linen_batch_stats_dropout_and_call_arguments_in_a_train_state():

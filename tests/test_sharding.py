@@ -36,6 +36,10 @@ BATCH = 40  # _sharding_script.BATCH; `check` also compiles 2 * BATCH
 # distance. Observed: MLP CG(5) 2.1e-5 against a permuted 8.3e-5.
 RTOL = 1e-5
 PERMUTED_FACTOR = 10
+# The loss after one step, relative: 1e-5 (RTOL) after exact solves; after
+# CG's, observed 4.5e-5 on the MLP's CG(5) with XLA's optimisations off
+# (tests/conftest.py), within 1e-5 with them on.
+LOSS_RTOL_CG = 1e-4
 
 
 def _env(devices):
@@ -98,7 +102,9 @@ def test_eight_devices_give_the_one_device_step(rows):
     tol = max(RTOL * r['max_abs_param'],
               PERMUTED_FACTOR * r['permuted_diff'])
     assert r['max_abs_diff'] <= tol, r
-    assert abs(r['loss_1'] - r['loss_n']) <= 1e-5 * abs(r['loss_1']), r
+    # The loss after the first step: CG's amplified round-off shows here too.
+    loss_rtol = LOSS_RTOL_CG if '_cg' in r['case'] else RTOL
+    assert abs(r['loss_1'] - r['loss_n']) <= loss_rtol * abs(r['loss_1']), r
 
 
 def _sizes(collectives):
