@@ -53,6 +53,17 @@ class ConvNet(nnx.Module):
     return self.dense(x.reshape(x.shape[0], -1))
 
 
+def batch_norm(features, **kw):
+  """nnx.BatchNorm with running statistics in its ``param_dtype`` (flax
+  keeps them in float32, and a float64 model's update of them would cast
+  float64 to float32, which JAX is to refuse)."""
+  bn = nnx.BatchNorm(features, **kw)
+  dtype = kw.get('param_dtype', jnp.float32)
+  bn.mean.set_value(bn.mean.get_value().astype(dtype))
+  bn.var.set_value(bn.var.get_value().astype(dtype))
+  return bn
+
+
 class ResNet(nnx.Module):
   """A small conv ResNet on 8×8×2 inputs.
 
@@ -69,7 +80,7 @@ class ResNet(nnx.Module):
     kw = dict(rngs=rngs, param_dtype=dtype, dtype=dtype)
     conv = lambda a, b, k=(3, 3), s=1: nnx.Conv(
         a, b, k, strides=s, padding='SAME', use_bias=False, **kw)
-    bn = lambda c: nnx.BatchNorm(c, momentum=0.9, **kw)
+    bn = lambda c: batch_norm(c, momentum=0.9, **kw)
     w, w2 = width, width + 2
     self.stem, self.stem_bn = conv(channels, w), bn(w)
     self.b1_conv1, self.b1_bn1 = conv(w, w), bn(w)

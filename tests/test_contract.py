@@ -121,8 +121,10 @@ def _first_updates(arch, dtype=jnp.float32):
   """``{name: (plain, extra)}``: each transformation's first update at
   ``_inputs(arch, dtype)`` (``extra`` in float32 only)."""
   names = _names(arch)
-  return _update(names, extra=dtype == jnp.float32)(
-      _same_inputs(names, *_inputs(arch, dtype)))
+  # _update(names) is the float32 program of the other checks too (one
+  # functools.cache key: no keyword here).
+  update = _update(names) if dtype == jnp.float32 else _update(names, False)
+  return update(_same_inputs(names, *_inputs(arch, dtype)))
 
 
 def _train_model(arch):

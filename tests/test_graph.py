@@ -26,6 +26,7 @@ from _models import TRANSFORMS
 from _models import LinenResNet
 from _models import ResNet
 from _models import arch_data
+from _models import batch_norm
 from _models import classification
 from _models import jit_step_inputs
 from _models import jit_updates
@@ -52,7 +53,7 @@ class ResMLP(nnx.Module):
     self.stem = nnx.Linear(4, 5, **kw)
     self.d1 = nnx.Linear(5, 3, **kw)
     if norm == 'batch':
-      self.norm = nnx.BatchNorm(3, **kw)
+      self.norm = batch_norm(3, **kw)
     elif norm == 'layer':
       self.norm = nnx.LayerNorm(3, **kw)
     else:
