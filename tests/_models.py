@@ -54,11 +54,14 @@ class ConvNet(nnx.Module):
 
 
 def batch_norm(features, **kw):
-  """nnx.BatchNorm with running statistics in its ``param_dtype`` (flax
-  keeps them in float32, and a float64 model's update of them would cast
-  float64 to float32, which JAX is to refuse)."""
+  """nnx.BatchNorm with float64 running statistics in a float64 model.
+
+  flax keeps them in float32 and computes them in at least float32; a
+  float64 model's update of them would cast float64 to float32, which JAX
+  is to refuse. (In a bfloat16 model they stay float32.)
+  """
   bn = nnx.BatchNorm(features, **kw)
-  dtype = kw.get('param_dtype', jnp.float32)
+  dtype = jnp.promote_types(kw.get('param_dtype', jnp.float32), jnp.float32)
   bn.mean.set_value(bn.mean.get_value().astype(dtype))
   bn.var.set_value(bn.var.get_value().astype(dtype))
   return bn
