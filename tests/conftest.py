@@ -44,9 +44,10 @@ import jax  # noqa: E402  (after the variables, which jax reads on import)
 jax.config.update('jax_compilation_cache_dir', os.environ[_VARIABLE])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+# As jax reads the variable (in case jax was imported before this file).
 jax.config.update('jax_disable_most_optimizations',
                   os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower()
-                  not in ('0', 'false', ''))
+                  in ('y', 'yes', 't', 'true', 'on', '1'))
 
 # Test files by their time on 2 CPU cores, longest first (measured with
 # ``--durations=0``); files not named here follow in their usual order.

@@ -382,21 +382,23 @@ def test_nnx_dropout_mask_is_the_forward_passes():
     assert cos > 0.999, (name, leaf, cos)
 
 
-# The transformations run end to end from both adapters: an exact solve and
-# CG. Every transformation is a function of (grads, params, problems), which
-# the test compares leaf by leaf, so the others would add compile time only.
-_BOTH_ADAPTERS = ('sibp_linearized', 'proxbp_cg3')
+# The transformations run end to end from both adapters: SIBP's and ProxBP's
+# rules, which pull the error back through the adapters' segments, with an
+# exact solve and with CG. Every transformation is a function of (grads,
+# params, problems), which the test compares leaf by leaf; the other solver
+# of each rule would add compile time only.
+_END_TO_END = ('sibp_linearized', 'proxbp_cg3')
 
 
 @functools.cache
 def _nnx_and_linen_on_a_resnet():
   """From the nnx adapter and from the linen one, on the same ResNet and
-  batch: gradients, problems, the first update of each of _BOTH_ADAPTERS,
+  batch: gradients, problems, the first update of each of _END_TO_END,
   and the BatchNorm statistics after the forward pass."""
   model = ResNet(seed=6)
   variables = linen_variables_from(model)
   x, y = arch_data('resnet', seed=6)
-  update = jit_updates(_BOTH_ADAPTERS)
+  update = jit_updates(_END_TO_END)
   _, grads, params, problems = jit_step_inputs(model, x, y)
   updates = update(grads, params, problems)
 
@@ -433,7 +435,7 @@ def test_nnx_and_linen_give_the_same_problems_and_updates_on_a_resnet():
                                 rtol=1e-5, atol=1e-6, custom_message=a.name)
   chex.assert_trees_all_close(lproblems.output_error, problems.output_error,
                               rtol=1e-5, atol=1e-7)
-  for name in _BOTH_ADAPTERS:
+  for name in _END_TO_END:
     # The solves amplify that round-off.
     chex.assert_trees_all_close(lupdates[name][0], dict(updates[name][0]),
                                 rtol=2e-4, atol=1e-6, custom_message=name)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 import sibp_jax
@@ -36,10 +37,10 @@ BATCH = 40  # _sharding_script.BATCH; `check` also compiles 2 * BATCH
 # distance. Observed: MLP CG(5) 2.1e-5 against a permuted 8.3e-5.
 RTOL = 1e-5
 PERMUTED_FACTOR = 10
-# The loss after one step, relative: 1e-5 (RTOL) after exact solves; after
-# CG's, observed 4.5e-5 on the MLP's CG(5) with XLA's optimisations off
-# (tests/conftest.py), within 1e-5 with them on.
-LOSS_RTOL_CG = 1e-4
+# The loss after one step, relative: RTOL, except after CG's steps with
+# XLA's optimisations off (tests/conftest.py), where the MLP's CG(5) was
+# observed 4.5e-5 off (within RTOL with them on, as users run).
+LOSS_RTOL_CG_UNOPTIMISED = 1e-4
 
 
 def _env(devices):
@@ -103,7 +104,8 @@ def test_eight_devices_give_the_one_device_step(rows):
               PERMUTED_FACTOR * r['permuted_diff'])
     assert r['max_abs_diff'] <= tol, r
     # The loss after the first step: CG's amplified round-off shows here too.
-    loss_rtol = LOSS_RTOL_CG if '_cg' in r['case'] else RTOL
+    loss_rtol = (LOSS_RTOL_CG_UNOPTIMISED if '_cg' in r['case'] and
+                 jax.config.read('jax_disable_most_optimizations') else RTOL)
     assert abs(r['loss_1'] - r['loss_n']) <= loss_rtol * abs(r['loss_1']), r
 
 
