@@ -12,7 +12,7 @@ entry of ``examples/optimizers.py`` and trains with the one step of
   rounds; also the compiled step's temporary memory (``memory_analysis()``)
   and XLA's count of its floating-point operations (``cost_analysis()``; a
   loop body counts once, so line searches are undercounted), as ratios to
-  Adam's.
+  Adam's, and the seconds it took to trace and compile the step.
 * ``--section epoch``: one epoch of ``paper_mlp`` at batch 100, every method
   from the same initial weights on the same batches at its registry
   learning rate: the full training loss after it, and the update seconds.
@@ -128,16 +128,19 @@ def _ratio(value, base):
 def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
               batch: int | None = None, rounds: int = 30,
               seed: int = 0) -> dict[str, Any]:
-  """Median step time, compiled temporary memory and flops of each method."""
+  """Median step time, compiled temporary memory and flops of each method,
+  and the seconds it took to trace and compile its step."""
   shape, default_batch = STEP_MODELS[model]
   batch = batch or default_batch
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.random((batch, *shape)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-  trainers, memory, flops = {}, {}, {}
+  trainers, memory, flops, compile_seconds = {}, {}, {}, {}
   for name in methods:
     t = trainers[name] = Trainer(name, model, x, seed)
+    start = time.perf_counter()
     compiled = t.step.lower(t.state, x, y).compile()
+    compile_seconds[name] = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     memory[name] = analysis and int(analysis.temp_size_in_bytes)
     flops[name] = _flops(compiled)
@@ -155,6 +158,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
       'memory_ratio_to_adam': _ratio(memory[name], memory['adam']),
       'flops': flops[name],
       'flops_ratio_to_adam': _ratio(flops[name], flops['adam']),
+      'compile_seconds': compile_seconds[name],
   } for name in methods}
 
 
@@ -385,7 +389,8 @@ def _methods_table(results: dict[str, Any], columns: dict[str, str]) -> str:
 
 STEP_COLUMNS = {'median_ms': 'median ms', 'ratio_to_adam': 'time / Adam',
                 'memory_ratio_to_adam': 'compiled temp memory / Adam',
-                'flops_ratio_to_adam': 'compiled flops / Adam'}
+                'flops_ratio_to_adam': 'compiled flops / Adam',
+                'compile_seconds': 'trace + compile s'}
 EPOCH_COLUMNS = {'learning_rate': 'learning rate', 'start_loss': 'start loss',
                  'train_loss': 'train loss after 1 epoch',
                  'update_seconds': 'update seconds'}

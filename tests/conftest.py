@@ -3,13 +3,15 @@
 The suite's time is mostly XLA compiling small programs, so:
 
 - XLA runs with most of its optimisations off (JAX's own
-  ``JAX_DISABLE_MOST_OPTIMIZATIONS``): a ResNet update compiles in half
-  the time and the suite takes a third less CPU time; the small test
-  programs run slower, which costs far less. Results differ from the
-  optimised programs' by float32 round-off, and the suite's tolerances
-  hold at both levels: run
-  ``JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest -q tests`` for the
-  level users get (``.ci/run`` runs both).
+  ``JAX_DISABLE_MOST_OPTIMIZATIONS``) and, at that level, with XLA:CPU's
+  older loop emitters for fusions (``--xla_cpu_use_fusion_emitters=false``
+  added to ``XLA_FLAGS`` unless they name it): the test programs compile
+  several times faster than with XLA's defaults and run slower, which
+  costs far less. Results differ from the optimised programs' by float32
+  round-off, and the suite's tolerances hold at both levels: run
+  ``JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest -q tests`` for what
+  users get (XLA's defaults; ``.ci/run`` runs both). ``--durations=20``
+  with and without the variable shows the difference.
 - Several tests compile the same program (the same step built in two tests,
   an example's script re-run in a fresh process to check a resume). JAX's
   persistent compilation cache, in a folder made for this session and
@@ -38,16 +40,23 @@ if _VARIABLE not in os.environ:
 for _name, _value in _SETTINGS.items():
   os.environ.setdefault(_name, _value)
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# As jax reads the variable.
+_UNOPTIMISED = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower() in (
+    'y', 'yes', 't', 'true', 'on', '1')
+# XLA reads its flags when the first backend starts (after this file); the
+# tests' subprocesses inherit them.
+_EMITTERS = '--xla_cpu_use_fusion_emitters'
+if _UNOPTIMISED and _EMITTERS not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = ' '.join(
+      filter(None, [os.environ.get('XLA_FLAGS'), f'{_EMITTERS}=false']))
 
 import jax  # noqa: E402  (after the variables, which jax reads on import)
 
 jax.config.update('jax_compilation_cache_dir', os.environ[_VARIABLE])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-# As jax reads the variable (in case jax was imported before this file).
-jax.config.update('jax_disable_most_optimizations',
-                  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower()
-                  in ('y', 'yes', 't', 'true', 'on', '1'))
+# In case jax was imported before this file.
+jax.config.update('jax_disable_most_optimizations', _UNOPTIMISED)
 
 # Test files by their time on 2 CPU cores, longest first (measured with
 # ``--durations=0``); files not named here follow in their usual order.

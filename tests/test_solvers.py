@@ -111,6 +111,34 @@ def test_auto_picks_by_shape():
   assert 'tensor<8x8xf32>' in hlo and 'tensor<40x40xf32>' not in hlo
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.float64])
+def test_plain_xla_and_lapack_spd_solves_agree(dtype):
+  """The CPU's plain-XLA solve (blocked Cholesky, explicit inverse, one
+  refinement step) against NumPy's float64 solve, at sides around the
+  block size (one block, two, the recursion's odd splits); one side beyond
+  the largest it takes, LAPACK's solve and the dispatch that picks it."""
+  from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  tol = 1e-4 if dtype == jnp.float32 else 1e-10
+  sides = (1, solvers._BLOCK, solvers._BLOCK + 1, 3 * solvers._BLOCK - 1,
+           5 * solvers._BLOCK + 1, solvers._XLA_SOLVE_MAX + 1)
+  with jax.enable_x64(dtype == jnp.float64):
+    for n in sides:
+      m = rng.normal(size=(n, 2 * n))
+      a = m @ m.T / n + 0.1 * np.eye(n)  # condition number ~1e2
+      b = rng.normal(size=(n, 3))
+      expected = np.linalg.solve(a, b)
+      args = (jnp.asarray(a, dtype), jnp.asarray(b, dtype))
+      paths = ([('xla', solvers._xla_spd_solve)]
+               if n <= solvers._XLA_SOLVE_MAX else
+               [('lapack', solvers._lapack_spd_solve),
+                ('dispatch', solvers._spd_solve)])
+      for name, solve in paths:
+        x = np.asarray(jax.jit(solve)(*args), np.float64)
+        error = np.linalg.norm(x - expected) / np.linalg.norm(expected)
+        assert error < tol, (name, n, error)
+
+
 @pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
                                          (False, True)])
 def test_cg_with_enough_steps_reaches_exact(kernel, bias):

@@ -84,8 +84,16 @@ def _lapack_spd_solve(a, b):
 # Diagonal blocks of the blocked factorization below: small enough that the
 # column loop is short, large enough that the recursion stays shallow.
 _BLOCK = 32
-# Beyond this side the O(n³) work dominates and LAPACK's blocked kernels win.
-_XLA_SOLVE_MAX = 2048
+# Largest factor solved in plain XLA on CPU. A lone LAPACK solve is faster,
+# but OpenBLAS's spinning threads slow the whole step when the variable
+# OPENBLAS_NUM_THREADS is not set; plain XLA keeps paper_mlp's 100-wide
+# solves clear of that. The plain-XLA program grows with the side (more
+# diagonal blocks) and compiles slowly: ResNet-20's step took 39 s to
+# compile with its convolutions' 144- to 576-wide factors in plain XLA and
+# 14 s with this limit, at the same step time. The cost: without the
+# variable, 500-wide factors (the ProxProp MLP) make a step 2× Adam's
+# instead of 1.5× (docs/performance.md).
+_XLA_SOLVE_MAX = 128
 
 
 def _cholesky_and_inverse(a):
@@ -150,12 +158,13 @@ def _xla_spd_solve(a, b):
 def _spd_solve(a, b):
   """``a⁻¹ b`` for symmetric positive definite ``a``, ``b`` shaped ``(n, d)``.
 
-  On CPU, factors up to ``_XLA_SOLVE_MAX`` on a side are solved in plain XLA
-  operations (:func:`_xla_spd_solve`): jaxlib runs its CPU Cholesky and
-  triangular solves through LAPACK calls whose OpenBLAS threads spin-wait
-  when the cores are shared, which made a ``paper_mlp`` step of
-  :func:`sibp_jax.sibp` 1.51× Adam's time by default against 1.30× with
-  ``OPENBLAS_NUM_THREADS=1`` (``examples/benchmark.py --section step``).
+  On CPU, factors up to ``_XLA_SOLVE_MAX`` (128) on a side are solved in
+  plain XLA operations (:func:`_xla_spd_solve`): jaxlib runs its CPU
+  Cholesky and triangular solves through LAPACK calls whose OpenBLAS
+  threads spin-wait when the cores are shared, which made a ``paper_mlp``
+  step of :func:`sibp_jax.sibp` 1.51× Adam's time by default against 1.30×
+  with ``OPENBLAS_NUM_THREADS=1`` (``examples/benchmark.py --section
+  step``).
   Accelerators keep their native solvers.
   """
   if a.shape[0] > _XLA_SOLVE_MAX:
