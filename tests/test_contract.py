@@ -71,7 +71,7 @@ def _traces_of(key, fn, *args):
 # Unknown keyword arguments are dropped where `update` starts, before
 # anything that depends on the model, so the MLP's programs check that for
 # every transformation; the other architectures' programs leave it out
-# (on the ResNet it doubled the tracing time of the update).
+# (on the ResNet a second update per transformation lengthens tracing).
 _EXTRA_ARCH = 'mlp'
 
 

@@ -115,13 +115,14 @@ def test_auto_picks_by_shape():
 def test_plain_xla_and_lapack_spd_solves_agree(dtype):
   """The CPU's plain-XLA solve (blocked Cholesky, explicit inverse, one
   refinement step) against NumPy's float64 solve, at sides around the
-  block size (one block, two, the recursion's odd splits); one side beyond
-  the largest it takes, LAPACK's solve and the dispatch that picks it."""
+  block size (one block, two, the recursion's odd splits) and near the
+  largest side it takes; one side beyond that, LAPACK's solve and the
+  dispatch that picks it."""
   from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   tol = 1e-4 if dtype == jnp.float32 else 1e-10
   sides = (1, solvers._BLOCK, solvers._BLOCK + 1, 3 * solvers._BLOCK - 1,
-           5 * solvers._BLOCK + 1, solvers._XLA_SOLVE_MAX + 1)
+           solvers._XLA_SOLVE_MAX - 3, solvers._XLA_SOLVE_MAX + 1)
   with jax.enable_x64(dtype == jnp.float64):
     for n in sides:
       m = rng.normal(size=(n, 2 * n))
