@@ -1,6 +1,7 @@
 """Solvers against closed forms, each other, and their own guarantees."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -112,17 +113,23 @@ def test_auto_picks_by_shape():
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.float64])
-def test_plain_xla_and_lapack_spd_solves_agree(dtype):
-  """The CPU's plain-XLA solve (blocked Cholesky, explicit inverse, one
-  refinement step) against NumPy's float64 solve, at sides around the
-  block size (one block, two, the recursion's odd splits) and near the
-  largest side it takes; one side beyond that, LAPACK's solve and the
-  dispatch that picks it."""
+def test_cpu_blocked_and_lapack_spd_solves_agree(dtype):
+  """The CPU's blocked solves (with small LAPACK factors, and in plain XLA
+  as under vmap; batched triangular inverse; one refinement step) and
+  LAPACK's whole solve against NumPy's float64 solve, at sides around the
+  inverse's block size (one block, two, padded ones) and at the largest
+  side LAPACK factors whole and past it (one split, then two, odd ones)."""
   from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   tol = 1e-4 if dtype == jnp.float32 else 1e-10
+  whole = solvers._single_threaded_potrf_max(dtype)
   sides = (1, solvers._BLOCK, solvers._BLOCK + 1, 3 * solvers._BLOCK - 1,
-           solvers._XLA_SOLVE_MAX - 3, solvers._XLA_SOLVE_MAX + 1)
+           whole, whole + 1, 2 * whole + 3)
+  paths = [('potrf', functools.partial(solvers._blocked_spd_solve,
+                                       lapack=True)),
+           ('xla', functools.partial(solvers._blocked_spd_solve,
+                                     lapack=False)),
+           ('lapack', solvers._lapack_spd_solve)]
   with jax.enable_x64(dtype == jnp.float64):
     for n in sides:
       m = rng.normal(size=(n, 2 * n))
@@ -130,14 +137,55 @@ def test_plain_xla_and_lapack_spd_solves_agree(dtype):
       b = rng.normal(size=(n, 3))
       expected = np.linalg.solve(a, b)
       args = (jnp.asarray(a, dtype), jnp.asarray(b, dtype))
-      paths = ([('xla', solvers._xla_spd_solve)]
-               if n <= solvers._XLA_SOLVE_MAX else
-               [('lapack', solvers._lapack_spd_solve),
-                ('dispatch', solvers._spd_solve)])
       for name, solve in paths:
+        if name == 'xla' and n > 2 * solvers._BLOCK:
+          continue  # the same recursion as 'potrf' above the blocks
         x = np.asarray(jax.jit(solve)(*args), np.float64)
         error = np.linalg.norm(x - expected) / np.linalg.norm(expected)
         assert error < tol, (name, n, error)
+
+
+def _lapack_calls(fun, *args):
+  hlo = jax.jit(fun).lower(*args).as_text()
+  return re.findall(r'custom_call @lapack_(\w+)_ffi\(.*?\(tensor<([\dx]+)',
+                    hlo)
+
+
+def test_cpu_solve_calls_lapack_only_on_one_thread(monkeypatch):
+  """On CPU the dispatch's only LAPACK calls are Cholesky factors below
+  OpenBLAS's threading size: no triangular solves, whose threads wake at
+  about a thousand right-hand-side entries and then spin. Past the
+  blocked solve's limit it hands the whole system to LAPACK."""
+  from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(solvers, '_CPU_SOLVE_MAX', 600)
+  calls = _lapack_calls(solvers._spd_solve, jnp.eye(600), jnp.ones((600, 9)))
+  assert {name for name, _ in calls} == {'spotrf'}, calls
+  assert all(int(shape.split('x')[0]) <= 255 for _, shape in calls), calls
+  calls = _lapack_calls(solvers._spd_solve, jnp.eye(601), jnp.ones((601, 9)))
+  assert {name for name, _ in calls} == {'spotrf', 'strsm'}
+
+
+def test_cpu_solve_under_vmap_is_plain_xla():
+  """Batched solves make no LAPACK call (a vmapped training scan with them
+  has hung XLA:CPU) and agree with the solves one at a time, for batched
+  and shared factors."""
+  from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  n = 40
+  m = rng.normal(size=(3, n, 2 * n))
+  a = jnp.asarray(m @ m.transpose(0, 2, 1) / n + 0.1 * np.eye(n),
+                  jnp.float32)
+  b = jnp.asarray(rng.normal(size=(3, n, 2)), jnp.float32)
+  for axes in [(0, 0), (None, 0), (0, None)]:
+    args = tuple(x if ax is not None else x[0]
+                 for x, ax in zip((a, b), axes, strict=True))
+    batched = jax.vmap(solvers._spd_solve, axes)
+    assert not _lapack_calls(batched, *args), axes
+    one = [solvers._spd_solve(args[0] if axes[0] is None else a[i],
+                              args[1] if axes[1] is None else b[i])
+           for i in range(3)]
+    np.testing.assert_allclose(jax.jit(batched)(*args), jnp.stack(one),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('kernel,bias', [(True, True), (True, False),
