@@ -216,10 +216,18 @@ def _cpu_spd_solve(a, b):
 @_cpu_spd_solve.def_vmap
 def _cpu_spd_solve_batched(axis_size, in_batched, a, b):
   """Under ``vmap``, plain XLA only: LAPACK calls in a vmapped training
-  scan have hung XLA:CPU's runtime (docs/performance.md)."""
-  a, b = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-          for x, batched in zip((a, b), in_batched, strict=True))
+  scan have hung XLA:CPU's runtime (docs/performance.md). A shared ``a``
+  is factored once, for all right-hand sides side by side."""
+  a_batched, b_batched = in_batched
   solve = functools.partial(_blocked_spd_solve, lapack=False)
+  if not a_batched:
+    n, d = b.shape[-2:]
+    if not b_batched:
+      b = jnp.broadcast_to(b, (axis_size, n, d))
+    x = solve(a, jnp.moveaxis(b, 0, 1).reshape(n, axis_size * d))
+    return jnp.moveaxis(x.reshape(n, axis_size, d), 1, 0), True
+  if not b_batched:
+    b = jnp.broadcast_to(b, (axis_size,) + b.shape)
   return jax.vmap(solve)(a, b), True
 
 
