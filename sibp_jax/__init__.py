@@ -4,8 +4,9 @@ from sibp_jax import linen
 from sibp_jax import nnx
 from sibp_jax._src.alias import proxbp
 from sibp_jax._src.alias import sibp
-from sibp_jax._src.problems import Conv
-from sibp_jax._src.problems import Dense
+from sibp_jax._src.kinds import Conv
+from sibp_jax._src.kinds import Dense
+from sibp_jax._src.kinds import DenseGeneral
 from sibp_jax._src.problems import LayerProblem
 from sibp_jax._src.problems import Problems
 from sibp_jax._src.problems import Segment
@@ -31,6 +32,7 @@ __all__ = (
     'ConjugateGradient',
     'Conv',
     'Dense',
+    'DenseGeneral',
     'LayerProblem',
     'LayerwiseInfo',
     'NonlinearCG',

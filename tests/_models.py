@@ -199,10 +199,10 @@ def pure(tree):
   return nnx.as_pure(tree)
 
 
-def step_inputs(model, x, y, loss_fn=xent):
+def step_inputs(model, x, y, loss_fn=xent, **kwargs):
   """(grads, params, problems) as plain pytrees for ``tx.update``."""
   _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-      model, x, y, loss_fn=loss_fn)
+      model, x, y, loss_fn=loss_fn, **kwargs)
   return pure(grads), pure(nnx.state(model, nnx.Param)), problems
 
 

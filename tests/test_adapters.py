@@ -202,7 +202,7 @@ class Grouped(nnx.Module):
     (Twice(), "'a' is applied more than once"),
     (SoftmaxAfter(), "output must be the output of its last linear layer"),
     (Branches(), "output of layer 'a' does not reach any later linear layer"),
-    (NoLinear(), 'no recognised linear layer'),
+    (NoLinear(), r"parameters belong to no layer .*: 'w' \(NoLinear\)"),
     (Grouped(), "layer 'a': grouped convolutions"),
 ])
 def test_unsupported_models_are_rejected(model, match):
@@ -280,7 +280,9 @@ def test_unowned_parameters_get_the_gradient():
 
   model = Scaled()
   x, y = classification()
-  grads, params, problems = step_inputs(model, x, y)
+  with pytest.raises(ValueError, match=r"no layer .*: 'gain'.*unsolved="):
+    step_inputs(model, x, y)
+  grads, params, problems = step_inputs(model, x, y, unsolved='gradient')
   direction, _ = sibp_jax.scale_by_proxbp().update(
       grads, sibp_jax.scale_by_proxbp().init(params), params,
       problems=problems)
@@ -326,16 +328,29 @@ def test_optax_only_uses_are_unaffected():
   chex.assert_tree_all_finite(pure(nnx.state(model)))
 
 
-def test_unrecognised_layer_types_are_named():
-  # A DenseGeneral / Einsum / LinearGeneral where a linear layer is meant:
-  # the error says which layer and type the sweep does not read, not only
-  # that the output is not the last recognised layer's.
+def test_unsolved_kernels_are_named():
+  # A LinearGeneral, an Embed, attention, a custom module's own kernel: the
+  # error names every parameter no layer solves and the module holding it.
   loss_fn = optax.softmax_cross_entropy_with_integer_labels
   x, y = jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32)
   model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
                          nnx.LinearGeneral(8, 3, rngs=nnx.Rngs(1)))
-  with pytest.raises(ValueError, match=r"'layers/2' \(LinearGeneral\)"):
+  with pytest.raises(ValueError, match=r"'layers/2/kernel' \(LinearGeneral\)"):
     sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=loss_fn)
+
+  class Attend(nnx.Module):
+    def __init__(self):
+      self.attention = nnx.MultiHeadAttention(2, 4, decode=False,
+                                              rngs=nnx.Rngs(0))
+      self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      return self.head(self.attention(x).mean(1))
+
+  with pytest.raises(ValueError, match=(
+      r"'attention/key/bias', 'attention/key/kernel' \(LinearGeneral\)")):
+    sibp_jax.nnx.value_grad_and_problems(Attend(), jnp.ones((5, 3, 4)), y,
+                                         loss_fn=loss_fn)
 
   class WithEinsum(nn.Module):
     @nn.compact
@@ -343,6 +358,99 @@ def test_unrecognised_layer_types_are_named():
       return nn.Einsum((8, 3), 'bi,ij->bj')(nn.relu(nn.Dense(8)(x)))
 
   params = WithEinsum().init(jax.random.key(0), x)['params']
-  with pytest.raises(ValueError, match=r"'Einsum_0' \(Einsum\)"):
+  with pytest.raises(ValueError, match=r"'Einsum_0/kernel' \(Einsum\)"):
     sibp_jax.linen.value_grad_and_problems(WithEinsum(), params, x, y,
                                            loss_fn=loss_fn)
+
+  class Custom(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param('w', nn.initializers.ones, (x.shape[-1], 8))
+      return nn.Dense(3)(jnp.dot(x, w))
+
+  params = Custom().init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=r"solves, .*: 'w' \(Custom\)"):
+    sibp_jax.linen.value_grad_and_problems(Custom(), params, x, y,
+                                           loss_fn=loss_fn)
+  with pytest.raises(ValueError, match='unsolved must be one of'):
+    sibp_jax.linen.value_grad_and_problems(Custom(), params, x, y,
+                                           loss_fn=loss_fn, unsolved='grad')
+
+
+def test_opted_in_unsolved_kernels_take_the_backprop_gradient():
+  # With unsolved='gradient' the attention projections take exactly the
+  # incoming gradient (ProxBP hands it on as it is), while the recognised
+  # layers take their proximal step: tau * gradient to first order, which
+  # for a small tau is far from the gradient itself.
+  class Attend(nnx.Module):
+    def __init__(self):
+      self.embed = nnx.Linear(4, 4, rngs=nnx.Rngs(2))
+      self.attention = nnx.MultiHeadAttention(2, 4, decode=False,
+                                              rngs=nnx.Rngs(0))
+      self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      return self.head(self.attention(self.embed(x)).mean(1))
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3, 4)),
+                  jnp.float32)
+  y = jnp.arange(6) % 3
+  grads, params, problems = step_inputs(Attend(), x, y, unsolved='gradient')
+  assert [layer.name for layer in problems.layers] == ['embed', 'head']
+  tx = sibp_jax.scale_by_proxbp(1e-3)
+  direction, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  chex.assert_trees_all_equal(direction['attention'], grads['attention'])
+  chex.assert_trees_all_close(direction['head'], jax.tree.map(
+      lambda g: 1e-3 * g, grads['head']), rtol=2e-2, atol=1e-7)
+
+
+@pytest.mark.parametrize('wrap', ['nnx.remat', 'nnx.scan'])
+def test_nnx_layers_under_transformations_are_named(wrap):
+  class Wrapped(nnx.Module):
+    def __init__(self):
+      if wrap == 'nnx.scan':
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(key):
+          return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
+        self.stack = make(jax.random.split(jax.random.key(0), 2))
+      else:
+        self.stack = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+      self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      if wrap == 'nnx.scan':
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(h, layer):
+          return jax.nn.relu(layer(h))
+        h = body(x, self.stack)
+      else:
+        h = nnx.remat(lambda layer, h: layer(h))(self.stack, x)
+      return self.head(h)
+
+  x, y = jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32)
+  with pytest.raises(ValueError, match=(
+      r"'stack/bias', 'stack/kernel' \(a Linear that the forward pass did "
+      'not apply itself')):
+    sibp_jax.nnx.value_grad_and_problems(Wrapped(), x, y, loss_fn=xent)
+
+
+@pytest.mark.parametrize('lift', [nn.remat, 'scan'])
+def test_linen_layers_under_transformations_are_named(lift):
+  class Wrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      if lift == 'scan':
+        stack = nn.scan(lambda layer, h, _: (nn.relu(layer(h)), None),
+                        variable_axes={'params': 0},
+                        split_rngs={'params': True}, length=2)
+        h, _ = stack(nn.Dense(4), x, None)
+      else:
+        h = lift(nn.Dense)(4)(x)
+      return nn.Dense(3)(h)
+
+  x, y = jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32)
+  params = Wrapped().init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=(
+      r"layer '.*' is applied inside a JAX transformation")):
+    sibp_jax.linen.value_grad_and_problems(Wrapped(), params, x, y,
+                                           loss_fn=xent)

@@ -35,7 +35,7 @@ class Record:
   path: Path
   inputs: jax.Array
   outputs: jax.Array
-  has_bias: bool
+  names: tuple[str, str | None]  # the kernel's and the bias's parameter names
   kind: Hashable
 
 
@@ -56,15 +56,22 @@ class Tape:
     self.source, self.value, self.target = source, value, target
     self.hook, self.paths = hook, paths
     self.records: list[Record] = []
-    # Layers with parameters of a type the sweep does not read (a
-    # DenseGeneral, an Einsum, ...), by name, for error messages.
-    self.unrecognised: list[str] = []
+    # Module path -> class of every module called (the linen adapter fills
+    # it), to tell normalisation parameters from unsolved ones.
+    self.modules: dict[Path, type] = {}
     self.captured = None
     self.calls = 0
+    # The JAX trace the tape records in: a layer called under another one
+    # runs inside a transformation of the model's own code (remat, scan).
+    self.trace = jex.get_opaque_trace_state()
 
   def visit(self, path: Path, inputs, compute: Callable[[], Any],
-            has_bias: bool, kind: Callable[[], Hashable]):
-    """Handles one call of a linear layer; ``kind()`` describes it."""
+            names: tuple[str, str | None], kind: Callable[[], Hashable]):
+    """Handles one call of a linear layer; ``kind()`` describes it.
+
+    ``names`` are the kernel's and the bias's parameter names (the bias's
+    ``None`` for a layer without one).
+    """
     if self.hook is not None:
       index = self.calls
       if index >= len(self.paths) or self.paths[index] != path:
@@ -79,6 +86,14 @@ class Tape:
       self.calls += 1
       return self.hook(index, inputs)
     if self.source is None:
+      if jex.get_opaque_trace_state() != self.trace:
+        raise ValueError(
+            f"the linear layer '{problems_lib.path_str(path)}' is applied "
+            'inside a JAX transformation within the model (nn.remat, '
+            'nn.scan, nnx.remat, nnx.scan, jax.checkpoint, ...): sibp_jax '
+            "records every layer's input and output in the model's own "
+            'forward pass and cannot see into one. Apply the layer directly '
+            '(remat only saves memory; unroll a scan over layers).')
       if any(r.path == path for r in self.records):
         raise ValueError(
             f"the linear layer '{problems_lib.path_str(path)}' is applied "
@@ -88,7 +103,7 @@ class Tape:
       # named by us rather than failing inside Flax in its own words.
       layer_kind = kind()
       outputs = compute()
-      self.records.append(Record(path, inputs, outputs, has_bias, layer_kind))
+      self.records.append(Record(path, inputs, outputs, names, layer_kind))
       return outputs
     if path == self.target:
       self.captured = inputs
@@ -266,8 +281,9 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
           SegmentFn(runner, struct, rec.path, records[i + 1].path), data)
     layers.append(problems_lib.LayerProblem(
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
-        kind=rec.kind, kernel_path=prefix + rec.path + ('kernel',),
-        bias_path=prefix + rec.path + ('bias',) if rec.has_bias else None))
+        kind=rec.kind, kernel_path=prefix + rec.path + (rec.names[0],),
+        bias_path=(None if rec.names[1] is None else
+                   prefix + rec.path + (rec.names[1],))))
   return problems_lib.Problems(tuple(layers), output_error,
                                problems_lib.Graph(graph, data, x))
 
@@ -322,7 +338,7 @@ class Forward:
     self.x, self.y, self.loss_fn = x, y, loss_fn
     check_batch(x, y)
     self.records: list[Record] = []
-    self.unrecognised: list[str] = []  # see Tape.unrecognised
+    self.modules: dict[Path, type] = {}  # see Tape.modules
     self.is_last = False
 
   def loss(self, run):
@@ -332,10 +348,15 @@ class Forward:
     losses = self.loss_fn(logits, self.y)
     check_batch(self.x, self.y, logits, losses)
     self.records = tape.records
-    self.unrecognised = self.unrecognised + tape.unrecognised
+    self.modules = {**self.modules, **tape.modules}
     self.is_last = bool(tape.records) and logits is tape.records[-1].outputs
     return jnp.mean(losses), ([r.inputs for r in tape.records],
                               [r.outputs for r in tape.records], extra)
+
+  def owned(self) -> set[Path]:
+    """The paths of the recorded layers' parameters (without a prefix)."""
+    return {r.path + (name,) for r in self.records for name in r.names
+            if name is not None}
 
   def problems(self, loss, aux, *, runner, data, prefix: Path = (),
                check: bool = True):
@@ -345,14 +366,5 @@ class Forward:
     logits = records[-1].outputs if records and self.is_last else None
     error = (None if logits is None else
              output_error(self.loss_fn, logits, self.y, loss))
-    try:
-      return build_problems(records, error, logits, runner=runner,
-                            data=data, x=self.x, prefix=prefix, check=check)
-    except ValueError as e:
-      if not self.unrecognised:
-        raise
-      raise ValueError(
-          f'{e} The model also has layers that sibp_jax does not '
-          'recognise as linear layers: ' + ', '.join(self.unrecognised) +
-          '. Only nnx.Linear, nnx.Conv, linen.Dense and linen.Conv are '
-          'solved layer by layer; express these layers with them.') from None
+    return build_problems(records, error, logits, runner=runner, data=data,
+                          x=self.x, prefix=prefix, check=check)

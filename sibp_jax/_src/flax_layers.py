@@ -1,21 +1,58 @@
-"""Which Flax layers the sweep recognises, and their static descriptions."""
+"""The registry of Flax layers: which modules the sweep solves, and how.
+
+One table, :data:`LAYERS`, says which module classes are linear layers: the
+kind of their map, the names of their parameters and how their static
+settings are read. Both adapters read it, so a new kind of layer is one
+entry here (and its kind in ``problems``). :data:`NORMALISATION` names the
+modules whose parameters (a scale and a bias) no layer owns by design: the
+sweep holds them at their current values and the transformations hand them
+the incoming gradient. Any other parameter is one the sweep would not solve,
+and :func:`unsolved_parameters` finds it so that the adapters can name it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 from flax import nnx
 
+from sibp_jax._src import kinds
 from sibp_jax._src import problems as problems_lib
 
-# nnx.Linear / linen.Dense and nnx.Conv / linen.Conv share attribute names.
-DENSE = (nnx.Linear, nn.Dense)
-CONV = (nnx.Conv, nn.Conv)
-# Layers with a kernel that the sweep does not read; named in errors.
-UNRECOGNISED = (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose,
-                nn.DenseGeneral, nn.Einsum, nn.ConvTranspose)
+Path = problems_lib.Path
+UNSOLVED = ('raise', 'gradient')
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerType:
+  """One entry of the registry.
+
+  Attributes:
+    nnx: the ``flax.nnx`` classes of this layer (subclasses match too).
+    linen: the ``flax.linen`` classes.
+    kernel: the name of the kernel parameter.
+    bias: the name of the bias parameter, or ``None`` if the layer has none.
+    describe: ``describe(module, name, input_shape)`` returns the layer's
+      static kind (:class:`sibp_jax.Dense`, ...) or raises ``ValueError``
+      naming the layer for settings the sweep cannot treat as a linear map
+      of the input.
+  """
+
+  nnx: tuple[type, ...]
+  linen: tuple[type, ...]
+  kernel: str
+  bias: str | None
+  describe: Callable[[object, str, Sequence[int]], Hashable]
+
+  def names(self, module) -> tuple[str, str | None]:
+    """The kernel's and the bias's names (``None``: no bias in ``module``)."""
+    with_bias = self.bias is not None and getattr(module, 'use_bias', True)
+    return self.kernel, self.bias if with_bias else None
 
 
 def _per_axis(value, nd: int, what: str, name: str) -> tuple[int, ...]:
@@ -30,20 +67,19 @@ def _per_axis(value, nd: int, what: str, name: str) -> tuple[int, ...]:
   return value
 
 
-def has_bias(module) -> bool:
-  return bool(module.use_bias)
+def _dense(module, name, input_shape):
+  del module, name, input_shape
+  return kinds.Dense()
 
 
-def layer_kind(module, name: str, input_shape: Sequence[int]):
-  """The :class:`sibp_jax.Dense` / :class:`sibp_jax.Conv` for ``module``.
+def _conv(module, name: str, input_shape: Sequence[int]):
+  """The :class:`sibp_jax.Conv` of an ``nnx.Conv`` / ``linen.Conv``.
 
   Raises:
     ValueError: for convolution settings the sweep cannot treat as a plain
       linear map of its input (grouped, input-dilated, masked, or with
       circular/reflect/causal padding), naming the layer.
   """
-  if isinstance(module, DENSE):
-    return problems_lib.Dense()
   nd = len(input_shape) - 2
   if nd not in (1, 2, 3):
     raise ValueError(
@@ -68,7 +104,123 @@ def layer_kind(module, name: str, input_shape: Sequence[int]):
     dilated = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
     padding = jax.lax.padtype_to_pads(tuple(input_shape[1:-1]), dilated,
                                       strides, padding)
-  return problems_lib.Conv(
+  return kinds.Conv(
       strides=strides,
       padding=tuple((int(lo), int(hi)) for lo, hi in padding),
       kernel_dilation=dilation)
+
+
+def _dense_general(module, name: str, input_shape: Sequence[int]):
+  """The :class:`sibp_jax.DenseGeneral` of a LinearGeneral / DenseGeneral."""
+  ndim = len(input_shape)
+  batch = getattr(module, 'batch_axis', None) or getattr(
+      module, 'batch_dims', ())
+  if batch:
+    raise ValueError(f"layer '{name}': batch axes shared by the input and the "
+                     'kernel (batch_axis / batch_dims) are not supported')
+  axis = module.axis
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  if any(not -ndim <= a < ndim for a in axis):
+    raise ValueError(f"layer '{name}': axis {axis} does not fit an input of "
+                     f'shape {tuple(input_shape)}')
+  axis = tuple(a % ndim for a in axis)
+  if 0 in axis:
+    raise ValueError(f"layer '{name}': contracting the batch axis 0 mixes the "
+                     'examples; SIBP and ProxBP need a map of each example')
+  features = getattr(module, 'out_features', None)
+  if features is None:
+    features = module.features
+  return kinds.DenseGeneral(
+      axis, 1 if isinstance(features, int) else len(features))
+
+
+LAYERS: tuple[LayerType, ...] = (
+    LayerType((nnx.Linear,), (nn.Dense,), 'kernel', 'bias', _dense),
+    LayerType((nnx.Conv,), (nn.Conv,), 'kernel', 'bias', _conv),
+    LayerType((nnx.LinearGeneral,), (nn.DenseGeneral,), 'kernel', 'bias',
+              _dense_general),
+)
+
+# Modules whose parameters no layer owns by design (held at their values in
+# the sweep, given the incoming gradient by the transformations).
+NORMALISATION = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm,
+                 nnx.InstanceNorm, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                 nn.RMSNorm, nn.InstanceNorm)
+
+NNX_CLASSES = tuple(c for t in LAYERS for c in t.nnx)
+
+
+def lookup(module) -> LayerType | None:
+  """The registry's entry for ``module``, or ``None`` if it is no layer."""
+  for entry in LAYERS:
+    if isinstance(module, entry.nnx + entry.linen):
+      return entry
+  return None
+
+
+def check_unsolved(unsolved: str) -> None:
+  if unsolved not in UNSOLVED:
+    raise ValueError(f'unsolved must be one of {UNSOLVED}, got {unsolved!r}')
+
+
+def unsolved_parameters(param_paths, owned, modules) -> list[str]:
+  """The parameters that neither a recorded layer nor a norm layer owns.
+
+  Args:
+    param_paths: the paths of the trainable parameters.
+    owned: the paths of the recorded layers' kernels and biases.
+    modules: module path -> module class, for the modules of the model.
+
+  Returns:
+    One description per module holding unsolved parameters: their paths
+    and the module's class, with a hint where the module is a layer the
+    registry knows (then the forward pass did not record its call).
+  """
+  by_module: dict[Path, list[Path]] = {}
+  for path in param_paths:
+    cls = modules.get(path[:-1])
+    if path in owned or (cls is not None and issubclass(cls, NORMALISATION)):
+      continue
+    by_module.setdefault(path[:-1], []).append(path)
+  found = []
+  for module, paths in by_module.items():
+    cls = modules.get(module)
+    names = ', '.join(f"'{problems_lib.path_str(p)}'" for p in paths)
+    if cls is None:
+      found.append(names)
+    elif any(issubclass(cls, t.nnx + t.linen) for t in LAYERS):
+      found.append(f'{names} (a {cls.__name__} that the forward pass did '
+                   'not apply itself: unused, or called inside a '
+                   'transformation such as nnx.remat or nnx.scan, or on a '
+                   'copy)')
+    else:
+      found.append(f'{names} ({cls.__name__})')
+  return found
+
+
+def _solved_names() -> str:
+  return ', '.join([f'nnx.{c.__name__}' for t in LAYERS for c in t.nnx] +
+                   [f'linen.{c.__name__}' for t in LAYERS for c in t.linen])
+
+
+def check_parameters(param_paths, owned, modules, unsolved: str) -> None:
+  """Refuses parameters no layer solves, unless ``unsolved='gradient'``.
+
+  Args: as :func:`unsolved_parameters`, and ``unsolved`` (``'raise'`` or
+  ``'gradient'``).
+
+  Raises:
+    ValueError: naming every unsolved parameter, for ``unsolved='raise'``.
+  """
+  found = unsolved_parameters(param_paths, owned, modules)
+  if not found or unsolved == 'gradient':
+    return
+  raise ValueError(
+      'these parameters belong to no layer that sibp_jax solves, so SIBP '
+      'and ProxBP would only hand them the plain gradient: '
+      + ', '.join(found) + f'. sibp_jax solves {_solved_names()} '
+      '(normalisation scales and biases take the gradient by design). '
+      'Express these layers with those, or pass '
+      "unsolved='gradient' to value_grad_and_problems to let them take the "
+      'incoming gradient (sibp: a plain gradient step of size learning_rate; '
+      'proxbp: its outer optimizer).')

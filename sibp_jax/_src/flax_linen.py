@@ -21,20 +21,19 @@ from sibp_jax._src import problems as problems_lib
 def _interceptor(next_fun, args, kwargs, context):
   tape = capture.current_tape()
   module = context.module
-  if (tape is not None and context.method_name == '__call__' and
-      isinstance(module, flax_layers.UNRECOGNISED)):
-    tape.unrecognised.append(f"'{problems_lib.path_str(module.path)}' "
-                             f'({type(module).__name__})')
-  if (tape is None or context.method_name != '__call__' or
-      not isinstance(module, flax_layers.DENSE + flax_layers.CONV)):
+  if tape is None:
     return next_fun(*args, **kwargs)
   path = tuple(module.path)
+  tape.modules.setdefault(path, type(module))
+  entry = flax_layers.lookup(module)
+  if context.method_name != '__call__' or entry is None:
+    return next_fun(*args, **kwargs)
   name = problems_lib.path_str(path)
   inputs = args[0]
   return tape.visit(
       path, inputs, lambda: next_fun(*args, **kwargs),
-      flax_layers.has_bias(module),
-      lambda: flax_layers.layer_kind(module, name, inputs.shape))
+      entry.names(module),
+      lambda: entry.describe(module, name, inputs.shape))
 
 
 def _is_variables(params) -> bool:
@@ -112,7 +111,7 @@ def _mutable_names(mutable, collections) -> tuple[str, ...]:
 def value_grad_and_problems(module: nn.Module, params, x, y, *args,
                             loss_fn, rngs=None, mutable=False,
                             model_state=None, check_chain: bool = True,
-                            **kwargs):
+                            unsolved: str = 'raise', **kwargs):
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``module.apply(variables, x, *args, rngs=rngs, mutable=mutable,
@@ -129,9 +128,14 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
   with the same ``rngs``, variables and arguments, so it sees the forward
   pass's dropout mask and batch statistics; the collections it would
   change are discarded. Refused with a ``ValueError`` naming the layer: a
-  layer applied twice in one pass, a layer whose output reaches no later
-  layer, an unsupported convolution, a module whose output is not its last
-  linear layer's output.
+  layer applied twice in one pass, a layer applied inside a transformation
+  within the module (``nn.remat``, ``nn.scan``), a layer whose output
+  reaches no later layer, an unsupported convolution, a module whose
+  output is not its last linear layer's output; and, naming the
+  parameters, any parameter that no recorded layer owns and no
+  normalisation layer holds (the kernel of an ``nn.DenseGeneral``,
+  ``nn.Embed``, ``nn.Einsum`` or a custom module's ``self.param``), unless
+  ``unsolved='gradient'``.
 
   Args:
     module: a ``flax.linen`` module built around ``nn.Dense`` / ``nn.Conv``
@@ -156,6 +160,12 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
       and tell chain links (where the SIBP paper variant's segments are
       defined) from the rest. With ``False`` the module is taken to be a
       chain for the paper variant.
+    unsolved: what to do with trainable parameters that no layer solves
+      (normalisation scales and biases aside): ``'raise'`` (default)
+      refuses the module with a ``ValueError`` naming them; ``'gradient'``
+      lets the transformations hand them the incoming gradient (``sibp``:
+      a plain gradient step of size ``learning_rate``; ``proxbp``: its
+      outer optimizer).
     **kwargs: further keyword arguments of the module call, e.g.
       ``train=True``.
 
@@ -183,6 +193,7 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
     ...                                problems=problems)
     >>> params = optax.apply_updates(params, updates)
   """
+  flax_layers.check_unsolved(unsolved)
   forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
   as_variables = _is_variables(params)
   if as_variables:
@@ -207,6 +218,10 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
 
   (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(
       trainable)
+  flax_layers.check_parameters(
+      [tuple(problems_lib.key_name(k) for k in path)
+       for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]],
+      forward.owned(), forward.modules, unsolved)
   if as_variables:
     grads = {k: (grads if k == 'params' else jax.tree.map(jnp.zeros_like, v))
              for k, v in params.items()}

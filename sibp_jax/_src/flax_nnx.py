@@ -16,21 +16,21 @@ from sibp_jax._src import problems as problems_lib
 
 # The unpatched methods, taken once: nested interception must never call an
 # already-patched method (it would record a layer twice).
-_CALLS = {cls: cls.__call__ for cls in (nnx.Linear, nnx.Conv)}
+_CALLS = {cls: cls.__call__ for cls in flax_layers.NNX_CLASSES}
 _LOCK = threading.RLock()
 
 
 def _layer_paths(model) -> dict[int, tuple]:
   return {id(m): tuple(path) for path, m in nnx.iter_modules(model)
-          if isinstance(m, tuple(_CALLS))}
+          if flax_layers.lookup(m) is not None}
 
 
 @contextlib.contextmanager
 def _intercept(model):
   """Routes the calls of ``model``'s linear layers to the active tape.
 
-  nnx has no method interceptor, so ``nnx.Linear.__call__`` and
-  ``nnx.Conv.__call__`` are swapped for the duration of the block (under a
+  nnx has no method interceptor, so the ``__call__`` of every nnx class of
+  the layer registry is swapped for the duration of the block (under a
   lock, restored on exit). Instances of other models are unaffected: only
   layers of ``model`` are looked up.
   """
@@ -43,10 +43,12 @@ def _intercept(model):
       compute = lambda: original(self, inputs, *args, **kwargs)
       if tape is None or path is None:
         return compute()
+      entry = flax_layers.lookup(self)
       name = problems_lib.path_str(path)
       return tape.visit(
-          path, inputs, compute, flax_layers.has_bias(self),
-          lambda: flax_layers.layer_kind(self, name, inputs.shape))
+          path, inputs, compute,
+          entry.names(self),
+          lambda: entry.describe(self, name, inputs.shape))
     return call
 
   with _LOCK:
@@ -73,7 +75,8 @@ class _Runner:
 
 
 def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
-                            check_chain: bool = True):
+                            check_chain: bool = True,
+                            unsolved: str = 'raise'):
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``model(x)`` once, recording the input ``f_{i-1}`` and output
@@ -91,8 +94,13 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   replays the model from the state the forward pass started from, so it
   sees the forward pass's dropout mask and batch statistics. Refused with
   a ``ValueError`` naming the layer: a layer applied twice in one pass, a
-  layer whose output reaches no later layer, an unsupported convolution, a
-  model whose output is not its last linear layer's output.
+  layer applied inside a transformation within the model (``nnx.remat``,
+  ``nnx.scan``), a layer whose output reaches no later layer, an
+  unsupported convolution, a model whose output is not its last linear
+  layer's output; and, naming the parameters, any ``nnx.Param`` that no
+  recorded layer owns and no normalisation layer holds (the kernel of an
+  ``nnx.LinearGeneral``, ``nnx.Embed`` or a custom module, a layer the
+  forward pass did not call), unless ``unsolved='gradient'``.
 
   Args:
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
@@ -105,6 +113,12 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
       and tell chain links (where the SIBP paper variant's segments are
       defined) from the rest. With ``False`` the model is taken to be a
       chain for the paper variant.
+    unsolved: what to do with trainable parameters that no layer solves
+      (normalisation scales and biases aside): ``'raise'`` (default)
+      refuses the model with a ``ValueError`` naming them; ``'gradient'``
+      lets the transformations hand them the incoming gradient (``sibp``:
+      a plain gradient step of size ``learning_rate``; ``proxbp``: its
+      outer optimizer).
 
   Returns:
     ``(loss, grads, problems)``: the mean loss, the gradient (the same
@@ -122,11 +136,8 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     >>> [layer.inputs.shape for layer in problems.layers]
     [(5, 4), (5, 8)]
   """
+  flax_layers.check_unsolved(unsolved)
   forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
-  forward.unrecognised = [
-      f"'{problems_lib.path_str(path)}' ({type(m).__name__})"
-      for path, m in nnx.iter_modules(model)
-      if isinstance(m, flax_layers.UNRECOGNISED)]
   # The sweep replays the model from the state the forward pass started
   # from: the same random state draws the same dropout mask, and what the
   # replay changes (BatchStat, RngCount) is discarded with its copy. The
@@ -142,6 +153,10 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     return forward.loss(run)
 
   (loss, aux), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
+  flax_layers.check_parameters(
+      [tuple(path) for path, v in nnx.iter_graph(model)
+       if isinstance(v, nnx.Param)], forward.owned(),
+      {tuple(path): type(m) for path, m in nnx.iter_modules(model)}, unsolved)
   problems = forward.problems(loss, aux, runner=_Runner(graphdef),
                               data=start, check=check_chain)
   return loss, grads, problems

@@ -449,10 +449,8 @@ class Ridge:
       >>> sibp_jax.Ridge().path(p), sibp_jax.Ridge(max_factor=64).path(p)
       ('woodbury', 'fallback')
     """
-    rows = int(np.prod(p.residual.shape[:-1]))
-    columns = (int(np.prod(p.kernel_shape[:-1]))
-               if p.kernel_shape is not None else 0) + int(
-                   p.bias_shape is not None)
+    rows, columns = p.kind.sizes(p.kernel_shape, p.residual.shape)
+    columns += int(p.bias_shape is not None)
     # A batch sharded over devices leaves only the m × m factor (see above).
     sharded = sharding.rows_sharded(p.residual)
     side = columns if sharded else min(rows, columns)

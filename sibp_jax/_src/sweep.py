@@ -189,8 +189,7 @@ class PaperRule:
     # Both fits run in the change Δ from the old parameters (warm start
     # Δ = 0), so that a step tiny next to the weights is not lost to
     # cancellation in X_new - X_old.
-    n = int(np.prod(layer.outputs.shape[:-1]))
-    m = int(np.prod(kernel.shape[:-1]))
+    n, m = layer.kind.sizes(kernel.shape, layer.outputs.shape)
     if (n < m and self.inner.space == 'auto' and
         not sharding.rows_sharded(layer.outputs)):
       # Fewer rows than inputs (a dense layer at a batch smaller than its
@@ -205,7 +204,7 @@ class PaperRule:
 
       coef, image, info_k = self.inner.minimize_in_row_space(
           fit_rows, gram, self.lam_kernel,
-          jnp.zeros((n, kernel.shape[-1]), kernel.dtype))
+          jnp.zeros((n, kernel.size // m), kernel.dtype))
       dk = jnp.matmul(design.T, coef,
                       precision=PRECISION).reshape(kernel.shape)
       image = image.reshape(layer.outputs.shape)

@@ -1,0 +1,217 @@
+"""Attention and general dense layers: the solve, and the backprop limits."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sibp_jax
+
+from _models import xent
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _ridge_numpy(design, residual, lam_kernel, lam_bias):
+  """``(FᵀF + Λ)⁻¹ FᵀR`` with ``F = [design, 1]``, in float64 NumPy."""
+  f = np.concatenate([design, np.ones((design.shape[0], 1))], axis=1)
+  lam = np.r_[np.full(design.shape[1], lam_kernel), lam_bias]
+  return np.linalg.solve(f.T @ f + np.diag(lam), f.T @ residual)
+
+
+@pytest.mark.usefixtures('x64')
+@pytest.mark.parametrize('batch', [7, 2])  # Cholesky, then Woodbury
+def test_dense_general_solve_matches_numpy(batch):
+  # Input (batch, 3, 4, 5), contracted axes (3, 2) in the kernel's order,
+  # two feature axes (2, 3): kernel (5, 4, 2, 3), rows batch·3.
+  rng = np.random.default_rng(0)
+  kind = sibp_jax.DenseGeneral(axis=(3, 2), features=2)
+  inputs = rng.normal(size=(batch, 3, 4, 5))
+  residual = rng.normal(size=(batch, 3, 2, 3))
+  problem = sibp_jax.RidgeProblem(kind, jnp.asarray(inputs),
+                                  jnp.asarray(residual), (5, 4, 2, 3), (2, 3),
+                                  jnp.float64(0.7), jnp.float64(0.3))
+  assert sibp_jax.Ridge().path(problem) == (
+      'cholesky' if batch == 7 else 'woodbury')
+  (dk, db), _ = jax.jit(sibp_jax.Ridge().solve)(problem)
+  design = np.transpose(inputs, (0, 1, 3, 2)).reshape(batch * 3, 20)
+  expected = _ridge_numpy(design, residual.reshape(batch * 3, 6), 0.7, 0.3)
+  np.testing.assert_allclose(dk, expected[:20].reshape(5, 4, 2, 3),
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(db, expected[20].reshape(2, 3), rtol=1e-10,
+                             atol=1e-12)
+  # The map itself is the design matrix's: F K + b, row by row.
+  kernel = rng.normal(size=(5, 4, 2, 3))
+  np.testing.assert_allclose(
+      kind.apply(jnp.asarray(kernel), jnp.ones((2, 3)), jnp.asarray(inputs)),
+      (design @ kernel.reshape(20, 6) + 1).reshape(batch, 3, 2, 3),
+      rtol=1e-12)
+  (ck, cb), _ = jax.jit(sibp_jax.ConjugateGradient(60, eps=0.0, tol=0.0).solve)(
+      problem)
+  chex.assert_trees_all_close((ck, cb), (dk, db), rtol=1e-7, atol=1e-9)
+
+
+class Block(nnx.Module):
+  """A pre-norm transformer block on patch tokens, and a linear head."""
+
+  def __init__(self, dtype, d=8, heads=2, classes=3):
+    rngs = nnx.Rngs(0)
+    kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
+    self.patch = nnx.Linear(6, d, **kw)
+    self.norm1 = nnx.LayerNorm(d, **kw)
+    self.attention = nnx.MultiHeadAttention(heads, d, decode=False, **kw)
+    self.norm2 = nnx.LayerNorm(d, **kw)
+    self.up = nnx.Linear(d, 2 * d, **kw)
+    self.down = nnx.Linear(2 * d, d, **kw)
+    self.head = nnx.Linear(d, classes, **kw)
+
+  def __call__(self, x):
+    h = self.patch(x)
+    h = h + self.attention(self.norm1(h))
+    h = h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+    return self.head(h.mean(axis=1))
+
+
+class LinenBlock(nn.Module):
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(param_dtype=self.dtype, dtype=self.dtype)
+    h = nn.Dense(8, **kw)(x)
+    h = h + nn.MultiHeadDotProductAttention(2, **kw)(nn.LayerNorm(**kw)(h))
+    h = h + nn.Dense(8, **kw)(jax.nn.gelu(nn.Dense(16, **kw)(
+        nn.LayerNorm(**kw)(h))))
+    return nn.Dense(3, **kw)(h.mean(axis=1))
+
+
+ATTENTION = ('query', 'key', 'value', 'out')
+
+
+def _tokens(dtype, batch=6):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(batch, 5, 6)), dtype)
+  return x, jnp.arange(batch) % 3
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _limit_updates(adapter, params, x, y, tau, lam):
+  """The gradient, ProxBP's direction at τ and SIBP's update at λ."""
+  if adapter == 'nnx':
+    graphdef, state = params
+    model = nnx.merge(graphdef, state)
+    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+        model, x, y, loss_fn=xent)
+    grads = nnx.as_pure(grads)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+  else:
+    _, grads, problems = sibp_jax.linen.value_grad_and_problems(
+        LinenBlock(jnp.float64), params, x, y, loss_fn=xent)
+
+  def update(tx):
+    return tx.update(grads, tx.init(params), params, problems=problems)[0]
+
+  return problems, grads, problems.batch_size, (
+      update(sibp_jax.scale_by_proxbp(tau)),
+      update(sibp_jax.scale_by_sibp(0.5, lambda_w=lam, lambda_b=lam)))
+
+
+@functools.cache
+def _limits(adapter):
+  x, y = _tokens(jnp.float64)
+  if adapter == 'nnx':
+    graphdef, state = nnx.split(Block(jnp.float64))
+    params = (graphdef, nnx.as_pure(state))
+  else:
+    params = LinenBlock(jnp.float64).init(jax.random.key(0), x)['params']
+  return [_limit_updates(adapter, params, x, y, jnp.float64(tau),
+                         jnp.float64(lam))
+          for tau, lam in ((1e-5, 1e4), (1e-6, 1e5))]
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key]
+  return np.asarray(tree)
+
+
+@pytest.mark.usefixtures('x64')
+@pytest.mark.parametrize('adapter', ['nnx', 'linen'])
+def test_every_attention_kernel_is_solved_and_tends_to_backprop(adapter):
+  """ProxBP: direction / τ → ∇J; SIBP: direction · λ / B → ∇J.
+
+  For every kernel and bias of the block, the attention projections (two
+  contracted axes in the output projection) included. The error is first
+  order in τ and 1/λ, so it must shrink about tenfold between the two
+  settings.
+  """
+  runs = _limits(adapter)
+  layers = runs[0][0].layers
+  paths = [layer.kernel_path for layer in layers] + [
+      layer.bias_path for layer in layers]
+  names = {'/'.join(map(str, p[:-1])) for p in paths if p is not None}
+  assert sum(any(n.endswith(a) for n in names) for a in ATTENTION) == 4
+  assert len(names) == 8
+  paths = [p for p in paths if p is not None]
+  for which, scale_of in ((0, lambda tau, lam, b: 1 / tau),
+                          (1, lambda tau, lam, b: lam / b)):
+    errors = []
+    for (tau, lam), (_, grads, batch, updates) in zip(
+        ((1e-5, 1e4), (1e-6, 1e5)), runs, strict=True):
+      scale = scale_of(tau, lam, batch)
+      # Relative to the largest gradient: the key's bias has none (softmax
+      # is blind to a shift of every score of a query).
+      largest = max(np.abs(_leaf(grads, p)).max() for p in paths)
+      errors.append(max(
+          np.abs(_leaf(updates[which], p) * scale - _leaf(grads, p)).max()
+          for p in paths) / largest)
+    assert errors[1] < 1e-3, (which, errors)
+    assert errors[1] < 0.2 * errors[0], (which, errors)
+
+
+def test_transformer_block_trains_with_sibp():
+  model = Block(jnp.float32)
+  x, y = _tokens(jnp.float32, batch=12)
+  opt = nnx.Optimizer(model, sibp_jax.sibp(0.3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+        model, x, y, loss_fn=xent)
+    opt.update(model, grads, problems=problems)
+    return loss
+
+  losses = [float(step(model, opt, x, y)) for _ in range(15)]
+  assert losses[-1] < 0.5 * losses[0], losses
+  info = optax.tree_utils.tree_get(nnx.as_pure(opt.opt_state), 'info')
+  assert bool(info.finite)
+
+
+def test_general_dense_maps_of_the_batch_axis_are_refused():
+  x, y = jnp.ones((5, 4, 6)), jnp.zeros((5,), jnp.int32)
+
+  class Mixing(nn.Module):
+    batch_dims: tuple = ()
+    axis: tuple = (-1,)
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.DenseGeneral(3, axis=self.axis, batch_dims=self.batch_dims)(x)
+      return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+  for module, match in ((Mixing(axis=(0,)), 'contracting the batch axis'),
+                        (Mixing(batch_dims=(0,)), 'batch axes shared')):
+    params = module.init(jax.random.key(0), x)['params']
+    with pytest.raises(ValueError, match=f"'DenseGeneral_0': {match}"):
+      sibp_jax.linen.value_grad_and_problems(module, params, x, y,
+                                             loss_fn=xent)
