@@ -13,6 +13,8 @@ classes)``; :func:`create_model` builds them by name:
 * ``resnet20``: the CIFAR ResNet-20 of He et al. (2016) (:class:`ResNet20`).
 * ``residual_mlp``, ``residual_mlp_16``: :class:`ResidualMLP` with 4 or 16
   blocks of width 256.
+* ``vit``: a small vision transformer (:class:`ViT`): patches, learned
+  positions from ``nnx.Embed``, pre-norm attention blocks.
 
 The papers' models are chains of linear layers; the residual ones are not:
 the sweep over the graph (sibp_jax's linearized SIBP and ProxBP) trains
@@ -211,8 +213,67 @@ class ResidualMLP(nnx.Module):
     return self.head(jax.nn.relu(h))
 
 
+class _EncoderBlock(nnx.Module):
+  """``h ← h + MHA(LN(h))``, then ``h ← h + MLP(LN(h))`` (GELU, 2× wide)."""
+
+  def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, width, decode=False,
+                                            rngs=rngs)
+    self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+    self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+    self.down = nnx.Linear(2 * width, width, rngs=rngs)
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    h = h + self.attention(self.norm1(h))
+    return h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+
+
+class ViT(nnx.Module):
+  """A small vision transformer (Dosovitskiy et al., 2021), built from
+  Flax's stock layers only.
+
+  The image is cut into non-overlapping ``patch × patch`` squares, each
+  projected by ``nnx.Linear`` to ``width`` features, plus a learned
+  position from ``nnx.Embed`` (looked up for every example's positions, so
+  that its rows are every token of the batch); then ``depth`` pre-norm
+  blocks of ``nnx.MultiHeadAttention`` (``heads`` heads) and a GELU MLP,
+  a final ``LayerNorm``, mean pooling over the tokens and
+  ``Linear(width → classes)``. Every kernel is a layer that sibp_jax
+  solves; the LayerNorm scales and biases take the gradient.
+  """
+
+  def __init__(self, image_shape: Sequence[int], classes: int = 10, *,
+               patch: int = 7, width: int = 64, depth: int = 2,
+               heads: int = 4, seed: int = 0):
+    height, width_px, channels = image_shape
+    if height % patch or width_px % patch:
+      raise ValueError(f'ViT: images of {height}×{width_px} do not split '
+                       f'into {patch}×{patch} patches')
+    rngs = nnx.Rngs(seed)
+    self.patch = patch
+    self.tokens = (height // patch) * (width_px // patch)
+    self.embed = nnx.Linear(patch * patch * channels, width, rngs=rngs)
+    self.positions = nnx.Embed(self.tokens, width, rngs=rngs)
+    self.blocks = nnx.List([_EncoderBlock(width, heads, rngs)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(width, rngs=rngs)
+    self.head = nnx.Linear(width, classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, height, width, channels = x.shape
+    p = self.patch
+    x = x.reshape(b, height // p, p, width // p, p, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, self.tokens, -1)
+    positions = jnp.broadcast_to(jnp.arange(self.tokens), (b, self.tokens))
+    h = self.embed(x) + self.positions(positions)
+    for block in self.blocks:
+      h = block(h)
+    return self.head(jnp.mean(self.norm(h), axis=1))
+
+
 MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet', 'resnet20',
-          'residual_mlp', 'residual_mlp_16')
+          'residual_mlp', 'residual_mlp_16', 'vit')
 
 
 def create_model(name: str, input_shape: Sequence[int], classes: int, *,
@@ -222,7 +283,8 @@ def create_model(name: str, input_shape: Sequence[int], classes: int, *,
   the initial weights of ``seed``."""
   input_shape = tuple(int(d) for d in input_shape)
   d_in = math.prod(input_shape)
-  if name in ('proxprop_convnet', 'resnet20') and len(input_shape) != 3:
+  if name in ('proxprop_convnet', 'resnet20', 'vit') and len(
+      input_shape) != 3:
     raise ValueError(f'{name} needs images (height, width, channels), got '
                      f'examples of shape {input_shape}')
   if name == 'paper_mlp':
@@ -236,4 +298,6 @@ def create_model(name: str, input_shape: Sequence[int], classes: int, *,
   if name in ('residual_mlp', 'residual_mlp_16'):
     return ResidualMLP(d_in, classes, seed=seed,
                        blocks=16 if name.endswith('16') else 4)
+  if name == 'vit':
+    return ViT(input_shape, classes, seed=seed)
   raise ValueError(f'unknown model {name!r}; expected one of {MODELS}')

@@ -11,7 +11,8 @@ optimizers here.
   fit through the activation. The learning rate is ``η``, the step on the
   neurons.
 * ``proxbp``: ``sibp_jax.proxbp`` with Nesterov (or Adam) outside.
-* ``sgd``, ``nesterov``, ``adam``: optax on the plain gradient;
+* ``sgd``, ``nesterov``, ``adam``, ``adamw`` (weight decay 1e-4, the
+  usual transformer baseline): optax on the plain gradient;
   ``sgd_momentum``: SGD with momentum 0.9 and weight decay 5e-4, the usual
   ResNet baseline.
 * ``muon``, ``schedule_free_adamw``: ``optax.contrib``'s Muon and
@@ -88,6 +89,8 @@ METHODS: dict[str, Method] = {
         False, 0.1, (0.03, 0.1, 0.3)),
     'adam': Method(lambda lr, hp: optax.adam(lr), False, 1e-3,
                    (3e-4, 1e-3, 3e-3)),
+    'adamw': Method(lambda lr, hp: optax.adamw(lr, weight_decay=1e-4), False,
+                    1e-3, (3e-4, 1e-3, 3e-3)),
     'muon': Method(lambda lr, hp: optax.contrib.muon(lr), False, 0.02,
                    (0.01, 0.02, 0.05)),
     'schedule_free_adamw': Method(

@@ -7,6 +7,7 @@ from sibp_jax._src.alias import sibp
 from sibp_jax._src.kinds import Conv
 from sibp_jax._src.kinds import Dense
 from sibp_jax._src.kinds import DenseGeneral
+from sibp_jax._src.kinds import Embed
 from sibp_jax._src.problems import LayerProblem
 from sibp_jax._src.problems import Problems
 from sibp_jax._src.problems import Segment
@@ -33,6 +34,7 @@ __all__ = (
     'Conv',
     'Dense',
     'DenseGeneral',
+    'Embed',
     'LayerProblem',
     'LayerwiseInfo',
     'NonlinearCG',

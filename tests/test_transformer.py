@@ -61,13 +61,20 @@ def test_dense_general_solve_matches_numpy(batch):
   chex.assert_trees_all_close((ck, cb), (dk, db), rtol=1e-7, atol=1e-9)
 
 
+def _positions(x):
+  """Every example's token positions, ``(batch, tokens)``: the lookup's rows
+  are every position of every example, as for any other layer."""
+  return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+
 class Block(nnx.Module):
   """A pre-norm transformer block on patch tokens, and a linear head."""
 
-  def __init__(self, dtype, d=8, heads=2, classes=3):
+  def __init__(self, dtype, d=8, heads=2, classes=3, tokens=5):
     rngs = nnx.Rngs(0)
     kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
     self.patch = nnx.Linear(6, d, **kw)
+    self.positions = nnx.Embed(tokens, d, **kw)
     self.norm1 = nnx.LayerNorm(d, **kw)
     self.attention = nnx.MultiHeadAttention(heads, d, decode=False, **kw)
     self.norm2 = nnx.LayerNorm(d, **kw)
@@ -76,7 +83,7 @@ class Block(nnx.Module):
     self.head = nnx.Linear(d, classes, **kw)
 
   def __call__(self, x):
-    h = self.patch(x)
+    h = self.patch(x) + self.positions(_positions(x))
     h = h + self.attention(self.norm1(h))
     h = h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
     return self.head(h.mean(axis=1))
@@ -88,7 +95,7 @@ class LinenBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(param_dtype=self.dtype, dtype=self.dtype)
-    h = nn.Dense(8, **kw)(x)
+    h = nn.Dense(8, **kw)(x) + nn.Embed(x.shape[1], 8, **kw)(_positions(x))
     h = h + nn.MultiHeadDotProductAttention(2, **kw)(nn.LayerNorm(**kw)(h))
     h = h + nn.Dense(8, **kw)(jax.nn.gelu(nn.Dense(16, **kw)(
         nn.LayerNorm(**kw)(h))))
@@ -161,7 +168,8 @@ def test_every_attention_kernel_is_solved_and_tends_to_backprop(adapter):
       layer.bias_path for layer in layers]
   names = {'/'.join(map(str, p[:-1])) for p in paths if p is not None}
   assert sum(any(n.endswith(a) for n in names) for a in ATTENTION) == 4
-  assert len(names) == 8
+  assert len(names) == 9 and any(n.endswith('Embed_0') or
+                                 n.endswith('positions') for n in names)
   paths = [p for p in paths if p is not None]
   for which, scale_of in ((0, lambda tau, lam, b: 1 / tau),
                           (1, lambda tau, lam, b: lam / b)):
@@ -215,3 +223,61 @@ def test_general_dense_maps_of_the_batch_axis_are_refused():
     with pytest.raises(ValueError, match=f"'DenseGeneral_0': {match}"):
       sibp_jax.linen.value_grad_and_problems(module, params, x, y,
                                              loss_fn=xent)
+
+
+@pytest.mark.usefixtures('x64')
+def test_embedding_solve_matches_numpy_row_by_row():
+  # ids (batch, tokens) over V = 7 rows, one of them never looked up.
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 6, size=(4, 5))
+  residual = rng.normal(size=(4, 5, 3))
+  kind = sibp_jax.Embed(7)
+  problem = sibp_jax.RidgeProblem(kind, jnp.asarray(ids),
+                                  jnp.asarray(residual), (7, 3), None,
+                                  jnp.float64(0.5), jnp.float64(1.0))
+  assert sibp_jax.Ridge().path(problem) == 'diagonal'
+  (dk, db), info = jax.jit(sibp_jax.Ridge().solve)(problem)
+  assert db is None and float(info.residual) < 1e-14
+  expected = np.zeros((7, 3))
+  for v in range(7):
+    rows = residual[ids == v]
+    expected[v] = rows.sum(axis=0) / (len(rows) + 0.5)
+  np.testing.assert_allclose(dk, expected, rtol=1e-12, atol=1e-15)
+  assert not expected[6].any()
+  # The one-hot design matrix and CG through the lookup agree with it.
+  onehot = np.asarray(kind.design(jnp.asarray(ids)))
+  np.testing.assert_allclose(
+      np.linalg.solve(onehot.T @ onehot + 0.5 * np.eye(7),
+                      onehot.T @ residual.reshape(20, 3)), expected,
+      rtol=1e-12, atol=1e-15)
+  (ck, _), _ = jax.jit(sibp_jax.ConjugateGradient(10, eps=0.0, tol=0.0).solve)(
+      problem)
+  np.testing.assert_allclose(ck, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_tied_embeddings_are_refused_by_name():
+  ids, y = jnp.zeros((4, 5), jnp.int32), jnp.zeros((4,), jnp.int32)
+
+  class Tied(nnx.Module):
+    def __init__(self):
+      self.embed = nnx.Embed(3, 4, rngs=nnx.Rngs(0))
+      self.mix = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+
+    def __call__(self, ids):
+      return self.embed.attend(self.mix(self.embed(ids).mean(axis=1)))
+
+  with pytest.raises(ValueError, match=(
+      r"layer 'embed' are also used by its method 'attend'")):
+    sibp_jax.nnx.value_grad_and_problems(Tied(), ids, y, loss_fn=xent)
+
+  class LinenTied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      embed = nn.Embed(3, 4)
+      return embed.attend(nn.Dense(4)(embed(ids).mean(axis=1)))
+
+  params = LinenTied().init(jax.random.key(0), ids)['params']
+  with pytest.raises(ValueError, match=(
+      r"layer 'Embed_0' are also used by its method 'attend'")):
+    sibp_jax.linen.value_grad_and_problems(LinenTied(), params, ids, y,
+                                           loss_fn=xent)

@@ -111,6 +111,15 @@ class Tape:
       return self.value
     return compute()
 
+  def other_use(self, path: Path, method: str):
+    """Refuses, while recording, a layer's parameters used by ``method``."""
+    if self.hook is None and self.source is None:
+      raise ValueError(
+          f"the parameters of layer '{problems_lib.path_str(path)}' are also "
+          f'used by its method {method!r} (tied weights, e.g. an embedding '
+          'reused as the output projection): SIBP and ProxBP need every '
+          "layer's parameters used by that layer's own call alone.")
+
   @contextlib.contextmanager
   def active(self):
     stack = getattr(_ACTIVE, 'stack', [])

@@ -41,6 +41,10 @@ class LayerType:
       static kind (:class:`sibp_jax.Dense`, ...) or raises ``ValueError``
       naming the layer for settings the sweep cannot treat as a linear map
       of the input.
+    also: other methods of the module that use its parameters (an
+      embedding's ``attend``, the tied output projection): a call of one
+      while the forward pass is recorded is refused, since the layer's
+      problem would miss that use.
   """
 
   nnx: tuple[type, ...]
@@ -48,6 +52,7 @@ class LayerType:
   kernel: str
   bias: str | None
   describe: Callable[[object, str, Sequence[int]], Hashable]
+  also: tuple[str, ...] = ()
 
   def names(self, module) -> tuple[str, str | None]:
     """The kernel's and the bias's names (``None``: no bias in ``module``)."""
@@ -134,11 +139,18 @@ def _dense_general(module, name: str, input_shape: Sequence[int]):
       axis, 1 if isinstance(features, int) else len(features))
 
 
+def _embed(module, name, input_shape):
+  del name, input_shape
+  return kinds.Embed(module.num_embeddings)
+
+
 LAYERS: tuple[LayerType, ...] = (
     LayerType((nnx.Linear,), (nn.Dense,), 'kernel', 'bias', _dense),
     LayerType((nnx.Conv,), (nn.Conv,), 'kernel', 'bias', _conv),
     LayerType((nnx.LinearGeneral,), (nn.DenseGeneral,), 'kernel', 'bias',
               _dense_general),
+    LayerType((nnx.Embed,), (nn.Embed,), 'embedding', None, _embed,
+              also=('attend',)),
 )
 
 # Modules whose parameters no layer owns by design (held at their values in

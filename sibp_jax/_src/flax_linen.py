@@ -26,6 +26,8 @@ def _interceptor(next_fun, args, kwargs, context):
   path = tuple(module.path)
   tape.modules.setdefault(path, type(module))
   entry = flax_layers.lookup(module)
+  if entry is not None and context.method_name in entry.also:
+    tape.other_use(path, context.method_name)
   if context.method_name != '__call__' or entry is None:
     return next_fun(*args, **kwargs)
   name = problems_lib.path_str(path)

@@ -17,6 +17,9 @@ from sibp_jax._src import problems as problems_lib
 # The unpatched methods, taken once: nested interception must never call an
 # already-patched method (it would record a layer twice).
 _CALLS = {cls: cls.__call__ for cls in flax_layers.NNX_CLASSES}
+# Other methods that use a layer's parameters (``Embed.attend``).
+_OTHER = {(cls, name): getattr(cls, name) for entry in flax_layers.LAYERS
+          for cls in entry.nnx for name in entry.also}
 _LOCK = threading.RLock()
 
 
@@ -51,15 +54,29 @@ def _intercept(model):
           lambda: entry.describe(self, name, inputs.shape))
     return call
 
+  def refused(name, original):
+    def call(self, *args, **kwargs):
+      tape = capture.current_tape()
+      path = paths.get(id(self))
+      if tape is not None and path is not None:
+        tape.other_use(path, name)
+      return original(self, *args, **kwargs)
+    return call
+
   with _LOCK:
     saved = {cls: cls.__call__ for cls in _CALLS}
+    saved_other = {key: getattr(*key) for key in _OTHER}
     for cls, original in _CALLS.items():
       cls.__call__ = patched(original)
+    for (cls, name), original in _OTHER.items():
+      setattr(cls, name, refused(name, original))
     try:
       yield
     finally:
       for cls, method in saved.items():
         cls.__call__ = method
+      for (cls, name), method in saved_other.items():
+        setattr(cls, name, method)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,6 +231,59 @@ class DenseGeneral:
                        f'not fit the output features {features}')
 
 
+@dataclasses.dataclass(frozen=True)
+class Embed:
+  """A lookup table ``g = E[ids]``: the linear map of one-hot rows.
+
+  Every integer of the input (every token of every example) is a row whose
+  design is the one-hot vector of its id, so the kernel is the
+  ``(num_embeddings, features)`` table itself and ``FᵀF`` is diagonal: how
+  often each id occurs in the batch (:meth:`gram_diagonal`). The exact
+  ridge solve is then closed form per table row, ``ΔE_v = (Σ_{rows of v}
+  R) / (count_v + λ)``: a scatter-add, cost linear in the rows times the
+  features, never a ``V × V`` or ``rows × V`` matrix. Ids outside
+  ``[0, num_embeddings)`` look up NaN (as ``jnp.take`` does), which flags
+  the step; the layer has no bias.
+
+  Attributes:
+    num_embeddings: ``V``, the number of table rows.
+  """
+
+  num_embeddings: int
+
+  def apply(self, kernel, bias, inputs):
+    """Returns ``kernel[inputs]`` (``+ bias``, which Flax's layers lack)."""
+    out = jnp.take(kernel, inputs, axis=0)
+    return out if bias is None else out + bias
+
+  def design(self, inputs, window=()):
+    """The one-hot ``(rows, V)`` design matrix (for solvers that need it)."""
+    del window
+    return jax.nn.one_hot(sharding.reshape_rows(inputs, (-1,)),
+                          self.num_embeddings)
+
+  def output_rows(self, outputs):
+    return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))
+
+  def sizes(self, kernel_shape, output_shape) -> tuple[int, int]:
+    return (math.prod(output_shape[:-1]),
+            0 if kernel_shape is None else kernel_shape[0])
+
+  def gram_diagonal(self, inputs, dtype):
+    """``diag(FᵀF)``: the count of each id among the rows, shape ``(V,)``."""
+    return jnp.zeros((self.num_embeddings,), dtype).at[
+        inputs.reshape(-1)].add(1)
+
+  def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
+    if (len(kernel_shape) != 2 or kernel_shape[0] != self.num_embeddings or
+        not jnp.issubdtype(inputs.dtype, jnp.integer) or
+        tuple(outputs.shape) != tuple(inputs.shape) + (kernel_shape[1],)):
+      raise _another_model(name, inputs, outputs, kernel_shape)
+    if bias_shape is not None and tuple(bias_shape) != (kernel_shape[1],):
+      raise ValueError(f'layer {name}: bias of shape {tuple(bias_shape)} does '
+                       f'not fit {kernel_shape[1]} features')
+
+
 def unroll_loops(kind) -> bool:
   """Whether solver loops over this layer's map should be unrolled.
 

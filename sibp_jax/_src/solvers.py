@@ -364,6 +364,32 @@ class RidgeSolver(Protocol):
     ...
 
 
+def _diagonal(p: RidgeProblem) -> bool:
+  """Whether the kind's ``FᵀF`` is diagonal (an embedding) and no bias."""
+  return (hasattr(p.kind, 'gram_diagonal') and p.kernel_shape is not None
+          and p.bias_shape is None)
+
+
+def _diagonal_solve(p: RidgeProblem):
+  """The closed-form solve of a kind whose ``FᵀF`` is diagonal.
+
+  ``(FᵀF + λ) ΔW = FᵀR`` row by row of the kernel: ``FᵀR`` is the
+  transpose of the layer's map (a scatter-add of the residual's rows for an
+  embedding), ``diag(FᵀF)`` the kind's :meth:`gram_diagonal`.
+  """
+  (rhs, _) = p.transpose(p.residual)
+  dtype = rhs.dtype
+  diagonal = p.kind.gram_diagonal(p.inputs, dtype) + jnp.asarray(
+      p.lam_kernel, dtype)
+  diagonal = diagonal.reshape(diagonal.shape + (1,) * (rhs.ndim - 1))
+  dk = rhs / diagonal
+  miss = diagonal * dk - rhs
+  info = SolveInfo(jnp.zeros((), jnp.int32),
+                   ratio(jnp.linalg.norm(miss), jnp.linalg.norm(rhs)),
+                   jnp.zeros((), bool))
+  return (dk, None), info
+
+
 @dataclasses.dataclass(frozen=True)
 class Ridge:
   """Exact ridge solve from the layer's explicit design matrix.
@@ -436,7 +462,9 @@ class Ridge:
         serve too).
 
     Returns:
-      ``'cholesky'`` (the ``m × m`` factor of ``FᵀF + Λ``), ``'woodbury'``
+      ``'diagonal'`` (a kind whose ``FᵀF`` is diagonal, an embedding:
+      closed form per kernel row), ``'cholesky'`` (the ``m × m`` factor
+      of ``FᵀF + Λ``), ``'woodbury'``
       (the ``n × n`` factor of ``I + FΛ⁻¹Fᵀ``) or ``'fallback'`` (the
       iterative ``fallback``, reported in :attr:`SolveInfo.fallback`).
 
@@ -449,6 +477,8 @@ class Ridge:
       >>> sibp_jax.Ridge().path(p), sibp_jax.Ridge(max_factor=64).path(p)
       ('woodbury', 'fallback')
     """
+    if _diagonal(p):
+      return 'diagonal'
     rows, columns = p.kind.sizes(p.kernel_shape, p.residual.shape)
     columns += int(p.bias_shape is not None)
     # A batch sharded over devices leaves only the m × m factor (see above).
@@ -465,6 +495,8 @@ class Ridge:
     fit_kernel, fit_bias = p.kernel_shape is not None, p.bias_shape is not None
     r = p.kind.output_rows(p.residual)
     path = self.path(p)
+    if path == 'diagonal':
+      return _diagonal_solve(p)
     if path == 'fallback':
       delta, info = (self.fallback or ConjugateGradient(10)).solve(p)
       return delta, info._replace(fallback=jnp.ones((), bool))

@@ -249,6 +249,11 @@ def _split_rule(rule):
   return [jnp.asarray(leaves[i]) for i in dynamic], rebuild
 
 
+def _compute_dtype(x, dtype):
+  """``x`` in the compute dtype, unless it holds integers (token ids)."""
+  return x if jnp.issubdtype(x.dtype, jnp.integer) else x.astype(dtype)
+
+
 def _zero_cotangent(x):
   if x is None:
     return None
@@ -293,7 +298,8 @@ def _layer_op(layer, rebuild, chain_new):
     chain_kernel = kernel + update.kernel if chain_new else kernel
     _, pullback = jax.vjp(
         lambda f_: static.kind.apply(chain_kernel, None, f_), inputs)
-    e_f = pullback(e_g)[0].astype(f.dtype)
+    e_f = (_zero_cotangent(f) if jnp.issubdtype(f.dtype, jnp.integer) else
+           pullback(e_g)[0].astype(f.dtype))
     info = (update.info.iterations.astype(kernel.dtype),
             update.info.residual.astype(kernel.dtype))
     return (e_f, _zero_cotangent(inputs), _zero_cotangent(outputs),
@@ -322,7 +328,7 @@ def _graph_sweep(problems, params, rule):
   for layer, (kernel, _) in zip(problems.layers, params):
     dtype = kernel.dtype
     layers.append(dataclasses.replace(
-        layer, inputs=layer.inputs.astype(dtype),
+        layer, inputs=_compute_dtype(layer.inputs, dtype),
         outputs=layer.outputs.astype(dtype)))
   hyper, rebuild = _split_rule(rule)
   ops = [_layer_op(layer, rebuild, rule.chain_new) for layer in layers]
@@ -407,7 +413,8 @@ def _chain_sweep(problems, params, rule):
     layer = layers[i]
     kernel, bias = params[i]
     dtype = kernel.dtype
-    layer = dataclasses.replace(layer, inputs=layer.inputs.astype(dtype),
+    layer = dataclasses.replace(layer,
+                                inputs=_compute_dtype(layer.inputs, dtype),
                                 outputs=layer.outputs.astype(dtype))
     e_f = e_f.astype(dtype)
     e_g = e_f if layer.segment is None else layer.segment.vjp(
