@@ -36,8 +36,8 @@ COMMANDS = [(page, block) for page, text in PAGES.items()
 
 
 def test_docs_pages_exist():
-  assert {'docs/algorithms.md', 'docs/experiments.md', 'docs/performance.md',
-          'docs/scaling.md'} <= set(PAGES)
+  assert {'docs/algorithms.md', 'docs/api.md', 'docs/experiments.md',
+          'docs/performance.md', 'docs/scaling.md'} <= set(PAGES)
   assert len(README.splitlines()) <= 250
 
 
