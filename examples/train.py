@@ -123,30 +123,33 @@ class Position:
   # finite and skipped, one count per run.
   skipped: list[int] = dataclasses.field(default_factory=list)
 
+  def add(self, stats: dict[str, Any], seconds: float) -> None:
+    """Counts one more step of the epoch, with its ``stats``."""
+    self.step, self.epoch_seconds = self.step + 1, self.epoch_seconds + seconds
+    self.loss_sum += float(jnp.mean(stats['loss']))
+    self.acc_sum += float(jnp.mean(stats['accuracy']))
+    flagged = np.atleast_1d(np.asarray(stats['skipped'], int))
+    self.skipped = [int(v) for v in flagged + (self.skipped or 0)]
 
-def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
-  """Trains and evaluates one run (or a sweep) of ``config`` (a
-  :class:`Config` or a dict of its fields); returns the metrics of the
-  module docstring.
+  def postfix(self) -> dict[str, Any]:
+    """The progress bar's running means of the epoch."""
+    return dict(loss=f'{self.loss_sum / self.step:.4f}',
+                acc=f'{self.acc_sum / self.step:.4f}',
+                skipped=sum(self.skipped))
 
-  Raises ``UsageError`` (a setting or size that cannot work, or a checkpoint
-  of other settings), ``input_pipeline.DatasetUnavailableError``, or
-  :class:`Interrupted` (Ctrl-C or ``stop_after_steps`` between two steps,
-  after saving a checkpoint where there is a ``checkpoint_dir``).
-  """
-  config = config_lib.resolve(config)
-  data, sizes = load_data(config)
-  graphdef, state = create_state(config, data)
-  runs = config.sweep is not None
+  def next_epoch(self) -> Position:
+    return Position(self.epoch + 1, 0, self.seconds + self.epoch_seconds)
+
+
+def make_evaluate(config: Config, graphdef, splits):
+  """``evaluate(state, epoch, **extra)``: one history entry per run, with
+  loss and accuracy on every split (``None`` where not finite)."""
   method = optimizers.METHODS[config.optimizer]
-  step = steps.jit(steps.make_step(graphdef, method.needs_problems), runs)
-  evaluate = steps.make_evaluate(graphdef, config.eval_batch_size, runs=runs,
+  evaluate = steps.make_evaluate(graphdef, config.eval_batch_size,
+                                 runs=config.sweep is not None,
                                  eval_params=method.eval_params)
-  splits = {'train': (data.x_train, data.y_train),
-            'val': (data.x_val, data.y_val), 'test': (data.x_test, data.y_test)}
-  splits = {k: (jnp.asarray(x), jnp.asarray(y)) for k, (x, y) in splits.items()}
 
-  def evaluate_all(epoch: int, **extra) -> list[dict[str, Any]]:
+  def evaluate_all(state, epoch: int, **extra) -> list[dict[str, Any]]:
     per_split = {k: evaluate(state, *xy) for k, xy in splits.items()}
     return [{'epoch': epoch, **{
         f'{k}_{what}': (values[r][i] if math.isfinite(values[r][i]) else None)
@@ -154,30 +157,89 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
         for i, what in enumerate(('loss', 'accuracy'))}, **extra}
             for r in range(len(config.sweep or (None,)))]
 
-  manager = progress = None
-  if config.checkpoint_dir:
-    manager, progress = checkpoints.open_for(
-        config.checkpoint_dir, config.resume, _resume_settings(config), sizes)
-  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
+  return evaluate_all
+
+
+def new_records(config: Config, sizes, device: str, initial: list[dict]):
+  """``(records, metrics)`` of a new run: one record per learning rate, and
+  the metrics file's content (the record, or a sweep's list of them)."""
+  if config.sweep is None:
+    record = {'config': dataclasses.asdict(config), 'data': sizes,
+              'device': device, 'initial': initial[0], 'history': []}
+    return [record], record
+  records = [{'config': dataclasses.asdict(dataclasses.replace(
+                  config, learning_rate=lr, sweep=None)),
+              'data': sizes, 'device': device, 'initial': entry,
+              'history': []}
+             for lr, entry in zip(config.sweep, initial)]
+  return records, {'config': dataclasses.asdict(config), 'data': sizes,
+                   'device': device, 'sweep': records}
+
+
+def record_epoch(config: Config, records, entries, skipped) -> None:
+  """Appends each run's entry of an epoch to its record, and prints it."""
   rates = config.sweep or (config.learning_rate,)
-  if progress is None:
-    at = Position()
-    records = [{'config': dataclasses.asdict(dataclasses.replace(
-                    config, learning_rate=lr, sweep=None) if runs else config),
-                'data': sizes, 'device': device, 'initial': initial,
-                'history': []}
-               for lr, initial in zip(rates, evaluate_all(0, seconds=0.0))]
-  else:
-    state = checkpoints.restore_state(manager, progress['global_step'], state)
-    at = Position(**{f.name: progress[f.name]
+  for lr, record, entry, flagged in zip(rates, records, entries, skipped):
+    entry['skipped_steps'] = int(flagged)
+    record['history'].append(entry)
+    print((f'lr {lr:<8g} ' if config.sweep else '') + _summary(entry),
+          flush=True)
+
+
+class Checkpoints:
+  """The run's checkpoints in ``--checkpoint_dir``; does nothing without."""
+
+  def __init__(self, config: Config, sizes: dict[str, Any]):
+    self.config = config
+    self.manager = self.progress = None
+    if config.checkpoint_dir:
+      self.manager, self.progress = checkpoints.open_for(
+          config.checkpoint_dir, config.resume, _resume_settings(config),
+          sizes)
+
+  def restore(self, state, device: str):
+    """``(state, position, records, metrics)`` where the checkpoint is."""
+    state = checkpoints.restore_state(self.manager,
+                                      self.progress['global_step'], state)
+    at = Position(**{f.name: self.progress[f.name]
                      for f in dataclasses.fields(Position)
-                     if f.name in progress})
-    records = [{**progress['metrics'], 'config': dataclasses.asdict(config),
-                'device': device}]
-  metrics = records[0] if not runs else {
-      'config': dataclasses.asdict(config), 'data': sizes, 'device': device,
-      'sweep': records}
-  per_epoch = sizes['steps_per_epoch']
+                     if f.name in self.progress})
+    record = {**self.progress['metrics'],
+              'config': dataclasses.asdict(self.config), 'device': device}
+    return state, at, [record], record
+
+  def save(self, state, at: Position, per_epoch: int, metrics):
+    """Saves the state and all else that the next step needs, if on."""
+    if self.manager is None:
+      return None
+    saved = {'format': checkpoints.FORMAT,
+             'global_step': at.epoch * per_epoch + at.step,
+             **dataclasses.asdict(at),
+             'config': _resume_settings(self.config), 'metrics': metrics}
+    checkpoints.save(self.manager, state, saved)
+    return saved
+
+  def interrupted(self, state, at: Position, per_epoch: int,
+                  metrics) -> Interrupted:
+    """Saves where the run stopped; the exception that says how to go on."""
+    where = (f'epoch {at.epoch + 1} after step {at.step} of {per_epoch}'
+             if at.step else f'epoch {at.epoch + 1} before its first step')
+    saved = self.save(state, at, per_epoch, metrics)
+    if saved is None:
+      return Interrupted(f'Interrupted in {where}; no --checkpoint_dir, so '
+                         'the run cannot be resumed.', None)
+    return Interrupted(
+        f'Interrupted in {where}; checkpoint saved in '
+        f'{self.config.checkpoint_dir} (step {saved["global_step"]}). Run '
+        'the same command with --resume to continue from the next step.',
+        saved['global_step'])
+
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.close()
+
+
+def _print_start(config, data, device, records, progress, at, per_epoch):
   what = (f'sweep over {len(config.sweep)} learning rates '
           f'({", ".join(f"{lr:g}" for lr in config.sweep)})' if config.sweep
           else f'(learning rate {config.learning_rate:g})')
@@ -196,25 +258,64 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
       print(f'The checkpoint has {at.epoch} epochs done, --epochs is '
             f'{config.epochs}: nothing to train.', flush=True)
 
-  def interrupted(done_steps: int) -> Interrupted:
-    where = (f'epoch {at.epoch + 1} after step {done_steps} of {per_epoch}'
-             if done_steps else f'epoch {at.epoch + 1} before its first step')
-    if manager is None:
-      return Interrupted(f'Interrupted in {where}; no --checkpoint_dir, so '
-                         'the run cannot be resumed.', None)
-    saved = _progress(config, at, per_epoch, metrics)
-    checkpoints.save(manager, state, saved)
-    return Interrupted(
-        f'Interrupted in {where}; checkpoint saved in '
-        f'{config.checkpoint_dir} (step {saved["global_step"]}). Run the '
-        'same command with --resume to continue from the next step.',
-        saved['global_step'])
+
+def finish(config: Config, graphdef, state, records) -> None:
+  """Warns of skipped steps; writes the parameters and the plot asked for."""
+  rates = config.sweep or (config.learning_rate,)
+  for lr, record in zip(rates, records):
+    skipped = sum(e.get('skipped_steps', 0) for e in record['history'])
+    if skipped:
+      print(f'warning: {skipped} steps'
+            + (f' at lr {lr:g}' if config.sweep else '')
+            + ' were flagged as not finite (NaN or Inf in the batch, the '
+            'loss or a solve) and skipped: the parameters did not move on '
+            'them. A learning rate too large for the loss is the usual '
+            'cause.', file=sys.stderr, flush=True)
+  if config.params_out:
+    checkpoints.write_params_npz(config.params_out, graphdef, state)
+  if config.plot_out:
+    import compare  # pylint: disable=import-outside-toplevel
+    compare.plot([(f'{config.optimizer} lr {lr:g}' if config.sweep else
+                   config.optimizer, record)
+                  for lr, record in zip(rates, records)], config.plot_out)
+
+
+def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
+  """Trains and evaluates one run (or a sweep) of ``config`` (a
+  :class:`Config` or a dict of its fields); returns the metrics of the
+  module docstring.
+
+  Raises ``UsageError`` (a setting or size that cannot work, or a checkpoint
+  of other settings), ``input_pipeline.DatasetUnavailableError``, or
+  :class:`Interrupted` (Ctrl-C or ``stop_after_steps`` between two steps,
+  after saving a checkpoint where there is a ``checkpoint_dir``).
+  """
+  config = config_lib.resolve(config)
+  data, sizes = load_data(config)
+  graphdef, state = create_state(config, data)
+  method = optimizers.METHODS[config.optimizer]
+  step = steps.jit(steps.make_step(graphdef, method.needs_problems),
+                   config.sweep is not None)
+  splits = {k: (jnp.asarray(x), jnp.asarray(y)) for k, (x, y) in {
+      'train': (data.x_train, data.y_train), 'val': (data.x_val, data.y_val),
+      'test': (data.x_test, data.y_test)}.items()}
+  evaluate = make_evaluate(config, graphdef, splits)
+  saved = Checkpoints(config, sizes)
+  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()})'
+  if saved.progress is None:
+    at = Position()
+    records, metrics = new_records(config, sizes, device,
+                                   evaluate(state, 0, seconds=0.0))
+  else:
+    state, at, records, metrics = saved.restore(state, device)
+  per_epoch = sizes['steps_per_epoch']
+  _print_start(config, data, device, records, saved.progress, at, per_epoch)
 
   xs, ys = splits['train']
   if at.epoch < config.epochs:
     first = steps.epoch_batches(len(xs), config.batch_size, config.seed, 0)[0]
     steps.compile_on_copy(step, state, xs[first], ys[first])
-  done_this_run, epochs_this_run = 0, 0
+  steps_this_run, epochs_this_run = 0, 0
   try:
     with checkpoints.InterruptGuard() as guard:
       while at.epoch < config.epochs:
@@ -226,73 +327,38 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
         for i in range(at.step, per_epoch):
           if guard.requested:
             bar.close()
-            raise interrupted(i)
+            raise saved.interrupted(state, at, per_epoch, metrics)
           state, stats, seconds = steps.timed_step(
               step, state, xs[batches[i]], ys[batches[i]])
-          at.step, at.epoch_seconds = i + 1, at.epoch_seconds + seconds
-          at.loss_sum += float(jnp.mean(stats['loss']))
-          at.acc_sum += float(jnp.mean(stats['accuracy']))
-          flagged = np.atleast_1d(np.asarray(stats['skipped'], int))
-          at.skipped = [int(v) for v in flagged + (at.skipped or 0)]
-          done_this_run += 1
-          if done_this_run == config.stop_after_steps:
+          at.add(stats, seconds)
+          steps_this_run += 1
+          if steps_this_run == config.stop_after_steps:
             guard.requested = True  # as a Ctrl-C: stop before the next step
-          bar.set_postfix(loss=f'{at.loss_sum / (i + 1):.4f}',
-                          acc=f'{at.acc_sum / (i + 1):.4f}',
-                          skipped=sum(at.skipped), refresh=False)
+          bar.set_postfix(**at.postfix(), refresh=False)
           bar.update()
         bar.close()
         speed = per_epoch * config.batch_size / at.epoch_seconds
-        skipped = at.skipped or [0] * len(rates)
-        at = Position(at.epoch + 1, 0, at.seconds + at.epoch_seconds)
-        for lr, record, entry, flagged in zip(rates, records, evaluate_all(
-            at.epoch, seconds=at.seconds, train_examples_per_second=speed),
-                                              skipped):
-          entry['skipped_steps'] = int(flagged)
-          record['history'].append(entry)
-          print((f'lr {lr:<8g} ' if runs else '') + _summary(entry),
-                flush=True)
+        skipped = at.skipped or [0] * len(records)
+        at = at.next_epoch()
+        record_epoch(config, records, evaluate(
+            state, at.epoch, seconds=at.seconds,
+            train_examples_per_second=speed), skipped)
         epochs_this_run += 1
         if config.metrics_out:
           checkpoints.write_json_atomic(config.metrics_out, metrics)
-        if manager is not None:
-          checkpoints.save(manager, state, _progress(config, at, per_epoch,
-                                                     metrics))
+        saved.save(state, at, per_epoch, metrics)
         if guard.requested and at.epoch < config.epochs:
-          raise interrupted(0)
+          raise saved.interrupted(state, at, per_epoch, metrics)
   finally:
-    if manager is not None:
-      manager.close()
+    saved.close()
   if config.metrics_out and not epochs_this_run:
     checkpoints.write_json_atomic(config.metrics_out, metrics)
-  for lr, record in zip(rates, records):
-    skipped = sum(e.get('skipped_steps', 0) for e in record['history'])
-    if skipped:
-      print(f'warning: {skipped} steps' + (f' at lr {lr:g}' if runs else '')
-            + ' were flagged as not finite (NaN or Inf in the batch, the '
-            'loss or a solve) and skipped: the parameters did not move on '
-            'them. A learning rate too large for the loss is the usual '
-            'cause.', file=sys.stderr, flush=True)
-  if config.params_out:
-    checkpoints.write_params_npz(config.params_out, graphdef, state)
-  if config.plot_out:
-    import compare  # pylint: disable=import-outside-toplevel
-    compare.plot([(f'{config.optimizer} lr {lr:g}' if runs else
-                   config.optimizer, record)
-                  for lr, record in zip(rates, records)], config.plot_out)
+  finish(config, graphdef, state, records)
   return metrics
 
 
 def _resume_settings(config: Config) -> dict[str, Any]:
   return {name: getattr(config, name) for name in config_lib.RESUME_SETTINGS}
-
-
-def _progress(config, at: Position, per_epoch: int, metrics) -> dict:
-  """The checkpoint's JSON: all besides the state that the next step needs."""
-  return {'format': checkpoints.FORMAT,
-          'global_step': at.epoch * per_epoch + at.step,
-          **dataclasses.asdict(at), 'config': _resume_settings(config),
-          'metrics': metrics}
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -301,6 +367,16 @@ def _rates(text: str) -> tuple[float, ...]:
   except ValueError:
     raise argparse.ArgumentTypeError(
         f'expected comma-separated learning rates, got {text!r}') from None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except for on/off flags: ``--no_progress``'s stored
+  default is ``True`` (progress on), which would read as the flag's."""
+
+  def _get_help_string(self, action):
+    if action.nargs == 0:
+      return action.help
+    return super()._get_help_string(action)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -314,7 +390,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
   defaults = Config(**(config_lib.preset_settings(preset) if preset else {}))
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n')[0], parents=[first],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=_HelpFormatter)
   kinds = {f.name: f.type.split(' |')[0] for f in dataclasses.fields(Config)}
   for name, text in config_lib.HELP.items():
     default = getattr(defaults, name)

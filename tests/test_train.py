@@ -175,6 +175,8 @@ def test_help_states_default_learning_rates(capsys):
                'adam 0.001', 'muon 0.02', 'schedule_free_adamw 0.003',
                'proxbp_adam 0.001'):
     assert name in text
+  # On/off flags state no default: --no_progress's stored one is True.
+  assert 'hide the progress bars --checkpoint_dir' in text
 
 
 def test_bad_dataset_name_is_a_message(capsys):

@@ -18,6 +18,8 @@ def sibp(
     lambda_b: jax.typing.ArrayLike = 1.0,
     solver: Any = None,
     last_layer_solver: Any = None,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Semi-implicit back propagation (Liu & Zhang, 2020) as an optimizer.
 
@@ -37,15 +39,33 @@ def sibp(
   of size ``learning_rate``. See :func:`scale_by_sibp` for the variants and
   solvers.
 
+  **Weight decay** is decoupled, as in ``optax.adamw``: ``weight_decay · θ``
+  joins the direction between ``scale_by_sibp`` and
+  ``scale_by_learning_rate``, so a step is
+
+  .. math::
+
+     θ \leftarrow θ^{SIBP} - η\, \mathrm{wd}\, θ ,
+
+  with ``θ^{SIBP}`` the parameters the sweep fitted and ``θ`` the ones
+  before the step.
+
   **Chaining.** The step of every parameter of a recognised linear layer
   comes from ``problems`` (the forward pass's activations and output
   error), not from the gradient handed to ``update``: a transformation
   chained before this one (clipping, scaling, weight decay) does not act on
-  those parameters. Put it first in an ``optax.chain`` and add such terms
-  after it. ``state.info.grad_mismatch`` (see
-  :class:`sibp_jax.LayerwiseInfo`) shows when the incoming gradient and the
-  problems disagree. On a step that is not finite the update is zero and the
-  state, the schedule's count included, stays as it was.
+  those parameters. Put ``sibp`` first in an ``optax.chain``. Its update is
+  already scaled by ``-η``, so a term chained after it is added to the
+  parameters as it is: ``optax.add_decayed_weights(wd)`` there would add
+  ``+wd·θ`` and grow the weights; use ``weight_decay=`` instead.
+  ``state.info.grad_mismatch`` (see :class:`sibp_jax.LayerwiseInfo`) shows
+  when the incoming gradient and the problems disagree.
+
+  **Skipped steps.** On a step that is not finite the update is zero and
+  the state, the count of a schedule passed as ``learning_rate`` included,
+  stays as it was. Under ``optax.inject_hyperparams`` the schedule is
+  evaluated by the wrapper, whose own count advances on every call, skipped
+  steps included: pass the schedule to ``sibp`` itself for it to hold.
 
   Args:
     learning_rate: ``η``, the step on the neurons (> 0, a scalar or a
@@ -65,6 +85,11 @@ def sibp(
     lambda_b: ``λ_b`` (> 0; default 1).
     solver: see :func:`scale_by_sibp`.
     last_layer_solver: ``'paper'`` only, see :func:`scale_by_sibp`.
+    weight_decay: ``wd``, decoupled weight decay (>= 0, a scalar; per step
+      the parameters shrink by ``η · wd`` of their value; default 0, none).
+    weight_decay_mask: a tree of booleans like the parameters, or a
+      function of the parameters returning one, naming the parameters to
+      decay (default all), as ``optax.add_decayed_weights``'s ``mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -99,7 +124,8 @@ def sibp(
                               lambda_w=lambda_w, lambda_b=lambda_b,
                               solver=solver,
                               last_layer_solver=last_layer_solver),
-      optax.scale_by_learning_rate(learning_rate))
+      _with_weight_decay(weight_decay, weight_decay_mask,
+                         optax.scale_by_learning_rate(learning_rate)))
 
 
 def proxbp(
@@ -109,6 +135,8 @@ def proxbp(
     momentum: float | None = 0.95,
     solver: Any = 'exact',
     outer: optax.GradientTransformation | None = None,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Proximal backpropagation (Frerix et al., 2018) with an outer optimizer.
 
@@ -117,15 +145,36 @@ def proxbp(
   (the authors' MLP setting: 1.0, 0.95, ``τ_prox = 0.05``). On a step flagged
   as not finite the update is zero and ``outer``'s momentum is left untouched.
 
+  **Weight decay** is coupled, as PyTorch's ``SGD(weight_decay=...)``
+  applies it: ``weight_decay · θ`` is added to the direction before
+  ``outer`` sees it, like an L2 term's gradient, so it goes through
+  ``outer``'s momentum (or moments) with the rest; ``outer``, not
+  ``proxbp``, holds the learning rate, so this works with any ``outer``.
+  With plain SGD (``momentum=None``) one step is
+
+  .. math::
+
+     θ \leftarrow θ - \mathrm{lr}\,(X_{old} - X_{new} + \mathrm{wd}\, θ).
+
+  The direction ``X_old - X_new`` is about ``τ_prox ∇J``, so ``wd`` acts as
+  an L2 penalty ``wd / (2 τ_prox) ‖θ‖²`` on the mean loss.
+
   **Chaining.** The step of every parameter of a recognised linear layer
   comes from ``problems`` (the forward pass's activations and output
   error), not from the gradient handed to ``update``: a transformation
   chained before this one (clipping, scaling, weight decay) does not act on
-  those parameters. Put it first in an ``optax.chain`` and add such terms
-  after it (or in ``outer``). ``state.info.grad_mismatch`` (see
+  those parameters. Put ``proxbp`` first in an ``optax.chain``, and give
+  what acts on the direction as ``weight_decay=`` or inside ``outer``
+  (e.g. ``outer=optax.chain(optax.clip_by_global_norm(1.0),
+  optax.sgd(1.0))``): a term chained after ``proxbp`` is added to the
+  parameters as it is. ``state.info.grad_mismatch`` (see
   :class:`sibp_jax.LayerwiseInfo`) shows when the incoming gradient and the
-  problems disagree. On a step that is not finite the update is zero and the
-  state, the schedule's count included, stays as it was.
+  problems disagree.
+
+  **Skipped steps.** On a step that is not finite the update is zero and
+  ``outer``'s state, the count of a schedule included, stays as it was.
+  Under ``optax.inject_hyperparams`` a schedule is evaluated by the
+  wrapper, whose own count advances on every call, skipped steps included.
 
   Args:
     learning_rate: the outer optimizer's learning rate (default 1.0); unused
@@ -139,6 +188,11 @@ def proxbp(
       ``ε`` and early exit) or any :class:`sibp_jax.RidgeSolver`.
     outer: any optax transformation to use instead, e.g. ``optax.adam(1e-3)``
       as for the authors' ConvNet.
+    weight_decay: ``wd``, coupled weight decay (>= 0, a scalar; added to
+      the direction as ``wd · θ`` before ``outer``; default 0, none).
+    weight_decay_mask: a tree of booleans like the parameters, or a
+      function of the parameters returning one, naming the parameters to
+      decay (default all), as ``optax.add_decayed_weights``'s ``mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -148,6 +202,7 @@ def proxbp(
     >>> import optax, sibp_jax
     >>> tx = sibp_jax.proxbp(1.0, tau_prox=0.05)
     >>> tx_adam = sibp_jax.proxbp(tau_prox=1.0, outer=optax.adam(1e-3))
+    >>> tx_decay = sibp_jax.proxbp(1.0, weight_decay=5e-4)
 
   References:
     Frerix, Möllenhoff, Moeller & Cremers, `Proximal Backpropagation
@@ -158,4 +213,20 @@ def proxbp(
     outer = optax.sgd(learning_rate, momentum=momentum,
                       nesterov=momentum is not None)
   return transform.skip_outer_on_bad_step(
-      transform.scale_by_proxbp(tau_prox, solver=solver), outer)
+      transform.scale_by_proxbp(tau_prox, solver=solver),
+      _with_weight_decay(weight_decay, weight_decay_mask, outer))
+
+
+def _with_weight_decay(weight_decay, mask, outer):
+  """``outer`` preceded by ``add_decayed_weights``, unless the decay is 0.
+
+  A decay of plain 0 (the default) leaves ``outer`` and so the state's
+  structure as they were without the argument; an array (as
+  ``optax.inject_hyperparams`` passes) always adds the term.
+  """
+  if isinstance(weight_decay, (int, float)):
+    if not weight_decay >= 0:
+      raise ValueError(f'weight_decay must be >= 0, got {weight_decay}')
+    if weight_decay == 0:
+      return outer
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask), outer)
