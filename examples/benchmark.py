@@ -69,12 +69,13 @@ import steps
 # Benchmark name -> (registry name, hyperparameters besides the defaults).
 METHODS = {name: (name, {}) for name in (
     'sibp_linearized', 'sibp_paper', 'proxbp', 'proxbp_cg3', 'sgd',
-    'sgd_momentum', 'adam', 'muon', 'schedule_free_adamw')}
+    'sgd_momentum', 'adam', 'adamw', 'muon', 'schedule_free_adamw')}
 METHODS['proxbp_cg3'] = ('proxbp', {'proxbp_solver': 'cg3'})
 STEP_MODELS = {  # model -> (example shape, batch size)
     'paper_mlp': ((784,), 100), 'proxprop_mlp': ((32, 32, 3), 500),
     'proxprop_convnet': ((32, 32, 3), 500), 'resnet20': ((32, 32, 3), 128),
-    'residual_mlp': ((32, 32, 3), 128), 'residual_mlp_16': ((32, 32, 3), 128)}
+    'residual_mlp': ((32, 32, 3), 128), 'residual_mlp_16': ((32, 32, 3), 128),
+    'vit': ((28, 28, 1), 128)}
 
 
 class Trainer:

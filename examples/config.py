@@ -128,6 +128,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         model='proxprop_convnet', batch_size=500, epochs=3, methods=_methods(
             proxbp=('proxbp', {'tau_prox': 1.0, 'proxbp_outer': 'adam',
                                'proxbp_solver': 'cg3'}, (3e-4, 1e-3, 3e-3)))),
+    'vit': dict(  # a small vision transformer, three rates per method
+        model='vit', batch_size=128, epochs=5, methods={
+            'sibp_linearized': ('sibp_linearized', {}, (0.01, 0.03, 0.1)),
+            'proxbp': ('proxbp', {}, None),
+            'adamw': ('adamw', {}, None),
+            'muon': ('muon', {}, None)}),
 }
 
 

@@ -329,28 +329,19 @@ def test_optax_only_uses_are_unaffected():
 
 
 def test_unsolved_kernels_are_named():
-  # A LinearGeneral, an Embed, attention, a custom module's own kernel: the
-  # error names every parameter no layer solves and the module holding it.
+  # An Einsum, a LoRA adapter, a custom module's own kernel: the error
+  # names every parameter no layer solves and the module holding it.
   loss_fn = optax.softmax_cross_entropy_with_integer_labels
   x, y = jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32)
   model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
-                         nnx.LinearGeneral(8, 3, rngs=nnx.Rngs(1)))
-  with pytest.raises(ValueError, match=r"'layers/2/kernel' \(LinearGeneral\)"):
+                         nnx.Einsum('bi,ij->bj', (8, 3), rngs=nnx.Rngs(1)))
+  with pytest.raises(ValueError, match=r"'layers/2/kernel' \(Einsum\)"):
     sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=loss_fn)
-
-  class Attend(nnx.Module):
-    def __init__(self):
-      self.attention = nnx.MultiHeadAttention(2, 4, decode=False,
-                                              rngs=nnx.Rngs(0))
-      self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
-
-    def __call__(self, x):
-      return self.head(self.attention(x).mean(1))
-
+  model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.LoRALinear(8, 3, lora_rank=2, rngs=nnx.Rngs(1)))
   with pytest.raises(ValueError, match=(
-      r"'attention/key/bias', 'attention/key/kernel' \(LinearGeneral\)")):
-    sibp_jax.nnx.value_grad_and_problems(Attend(), jnp.ones((5, 3, 4)), y,
-                                         loss_fn=loss_fn)
+      r"'layers/2/lora/lora_a', 'layers/2/lora/lora_b' \(LoRA\)")):
+    sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=loss_fn)
 
   class WithEinsum(nn.Module):
     @nn.compact
@@ -378,19 +369,18 @@ def test_unsolved_kernels_are_named():
 
 
 def test_opted_in_unsolved_kernels_take_the_backprop_gradient():
-  # With unsolved='gradient' the attention projections take exactly the
-  # incoming gradient (ProxBP hands it on as it is), while the recognised
-  # layers take their proximal step: tau * gradient to first order, which
-  # for a small tau is far from the gradient itself.
+  # With unsolved='gradient' an Einsum's kernel takes exactly the incoming
+  # gradient (ProxBP hands it on as it is), while the recognised layers
+  # take their proximal step: tau * gradient to first order, which for a
+  # small tau is far from the gradient itself.
   class Attend(nnx.Module):
     def __init__(self):
       self.embed = nnx.Linear(4, 4, rngs=nnx.Rngs(2))
-      self.attention = nnx.MultiHeadAttention(2, 4, decode=False,
-                                              rngs=nnx.Rngs(0))
+      self.mix = nnx.Einsum('btd,de->bte', (4, 4), rngs=nnx.Rngs(0))
       self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
 
     def __call__(self, x):
-      return self.head(self.attention(self.embed(x)).mean(1))
+      return self.head(jax.nn.relu(self.mix(self.embed(x))).mean(1))
 
   x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3, 4)),
                   jnp.float32)
@@ -399,7 +389,7 @@ def test_opted_in_unsolved_kernels_take_the_backprop_gradient():
   assert [layer.name for layer in problems.layers] == ['embed', 'head']
   tx = sibp_jax.scale_by_proxbp(1e-3)
   direction, _ = tx.update(grads, tx.init(params), params, problems=problems)
-  chex.assert_trees_all_equal(direction['attention'], grads['attention'])
+  chex.assert_trees_all_equal(direction['mix'], grads['mix'])
   chex.assert_trees_all_close(direction['head'], jax.tree.map(
       lambda g: 1e-3 * g, grads['head']), rtol=2e-2, atol=1e-7)
 

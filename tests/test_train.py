@@ -52,14 +52,16 @@ _LAYERWISE = {'sibp', 'sibp_paper', 'sibp_linearized', 'proxbp'}
 # ResNet-20 with SIBP and its usual baseline, the residual MLP with SIBP
 # and ProxBP (ProxBP's graph sweep is the same code on either model, and
 # ResNet-20's compilation is the costliest of the suite); the paper variant
-# refuses them (test_paper_variant_refuses_resnet20).
+# refuses them (test_paper_variant_refuses_resnet20). The ViT trains with
+# SIBP: attention, embeddings and LayerNorm on the graph sweep.
 _CHAINS = ('proxprop_mlp', 'proxprop_convnet')
 CASES = ([('paper_mlp', o) for o in train.OPTIMIZERS]
          + [(m, o) for m in _CHAINS
             for o in ('sibp', 'sibp_paper', 'proxbp', 'adam')
             if (m, o) != ('proxprop_convnet', 'adam')]
          + [('resnet20', o) for o in ('sibp', 'sgd_momentum')]
-         + [('residual_mlp', o) for o in ('sibp', 'proxbp')])
+         + [('residual_mlp', o) for o in ('sibp', 'proxbp')]
+         + [('vit', 'sibp')])
 
 
 @functools.cache
