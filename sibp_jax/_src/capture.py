@@ -37,6 +37,7 @@ class Record:
   outputs: jax.Array
   names: tuple[str, str | None]  # the kernel's and the bias's parameter names
   kind: Hashable
+  params: tuple  # the kernel's and the bias's values (None: no bias)
 
 
 class Tape:
@@ -66,11 +67,12 @@ class Tape:
     self.trace = jex.get_opaque_trace_state()
 
   def visit(self, path: Path, inputs, compute: Callable[[], Any],
-            names: tuple[str, str | None], kind: Callable[[], Hashable]):
+            names: tuple[str, str | None], kind: Callable[[], Hashable],
+            params: Callable[[], tuple]):
     """Handles one call of a linear layer; ``kind()`` describes it.
 
     ``names`` are the kernel's and the bias's parameter names (the bias's
-    ``None`` for a layer without one).
+    ``None`` for a layer without one), ``params()`` their values.
     """
     if self.hook is not None:
       index = self.calls
@@ -103,7 +105,8 @@ class Tape:
       # named by us rather than failing inside Flax in its own words.
       layer_kind = kind()
       outputs = compute()
-      self.records.append(Record(path, inputs, outputs, names, layer_kind))
+      self.records.append(Record(path, inputs, outputs, names, layer_kind,
+                                 params()))
       return outputs
     if path == self.target:
       self.captured = inputs
@@ -253,12 +256,13 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
 
 
 def build_problems(records: list[Record], output_error, logits, *, runner,
-                   data, x, prefix: Path = (), check: bool = True):
+                   data, x, prefix: Path = (), check: bool = True,
+                   weights=None, loss_terms=None):
   """Turns the records of one forward pass into :class:`Problems`.
 
   Args:
     records: the linear layers in the order they were called.
-    output_error: ``∂ℓ/∂z`` per example.
+    output_error: ``∂ℓ/∂z`` per example (or per loss term).
     logits: the model's output, which must be the last layer's output.
     runner: hashable ``runner(data, x)`` that replays the model.
     data: the arrays ``runner`` needs (the model's variables, its random
@@ -269,6 +273,8 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
       refuse a layer whose output reaches no later layer, and define the
       segments ``s_i`` only for chain links. Without it every layer is
       taken to be a chain link.
+    weights: the rows' weights (see :func:`row_weights`), or ``None``.
+    loss_terms: :attr:`Problems.loss_terms`.
   """
   if not records:
     raise ValueError('the model applied no recognised linear layer '
@@ -292,9 +298,35 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
         kind=rec.kind, kernel_path=prefix + rec.path + (rec.names[0],),
         bias_path=(None if rec.names[1] is None else
-                   prefix + rec.path + (rec.names[1],))))
+                   prefix + rec.path + (rec.names[1],)),
+        params=rec.params,
+        row_weights=None if weights is None else row_weights(
+            weights, rec.kind.row_shape(rec.outputs.shape),
+            problems_lib.path_str(rec.path))))
   return problems_lib.Problems(tuple(layers), output_error,
-                               problems_lib.Graph(graph, data, x))
+                               problems_lib.Graph(graph, data, x), loss_terms)
+
+
+def row_weights(weights, shape, what: str):
+  """``weights`` for an array whose leading (row) axes are ``shape``.
+
+  Where ``shape`` begins with the weights' shape (per-example weights, or
+  per-position weights for a layer applied at every position) they are
+  broadcast over the remaining axes. Where it begins with the batch axis
+  alone (a layer after pooling over positions, a per-example loss with
+  per-position weights), an example's weight is its largest: an example
+  with any position of positive weight is in the problem. Anything else is
+  a ``ValueError`` naming ``what``.
+  """
+  shape = tuple(shape)
+  if shape[:weights.ndim] != weights.shape:
+    if not shape or shape[0] != weights.shape[0]:
+      raise ValueError(
+          f'{what}: weights of shape {weights.shape} do not fit rows of shape '
+          f'{shape}: their leading axes must agree (the batch axis at least)')
+    weights = jnp.max(weights.reshape(weights.shape[0], -1), axis=1)
+  weights = weights.reshape(weights.shape + (1,) * (len(shape) - weights.ndim))
+  return jnp.broadcast_to(weights, shape)
 
 
 def check_batch(x, y, logits=None, losses=None) -> None:
@@ -307,28 +339,31 @@ def check_batch(x, y, logits=None, losses=None) -> None:
   if jnp.ndim(y) == 0 or jnp.shape(y)[0] != batch:
     raise ValueError(f'labels y have shape {jnp.shape(y)} but x has batch '
                      f'{batch}: the leading axes must agree.')
-  if losses is not None and jnp.shape(losses) != (batch,):
+  if losses is not None and jnp.shape(losses)[:1] != (batch,):
     raise ValueError(
         f'loss_fn(logits, labels) must return one loss per example, shape '
-        f'({batch},), got {jnp.shape(losses)}; use a per-example loss such as '
+        f'({batch},), or per position, shape ({batch}, ...); got '
+        f'{jnp.shape(losses)}. Use an unreduced loss such as '
         'optax.softmax_cross_entropy_with_integer_labels.')
 
 
-def output_error(loss_fn, logits, y, loss):
-  """``e = ∂ℓ_b/∂z_b`` per example (the batch-summed loss's gradient).
+def output_error(loss_fn, logits, y, loss, weights=None):
+  """``e = ∂ℓ/∂z`` per loss term (the gradient of the weighted sum ``Σ w ℓ``).
 
   The error is made NaN, so that the transformation flags and skips the
   step, when the batch cannot be trusted: the mean ``loss`` is not finite
   (an infinite loss can have a finite gradient), or integer labels with one
   axis fewer than the logits (class indices) fall outside
-  ``[0, classes)``, where optax's integer-label losses return a finite but
-  meaningless value.
+  ``[0, classes)`` where their weight is not 0, where optax's integer-label
+  losses return a finite but meaningless value.
   """
-  e = jax.grad(lambda z: jnp.sum(loss_fn(z, y)))(logits)
+  w = 1.0 if weights is None else weights
+  e = jax.grad(lambda z: jnp.sum(w * loss_fn(z, y)))(logits)
   valid = jnp.isfinite(loss)
   if (jnp.issubdtype(jnp.result_type(y), jnp.integer) and
       jnp.ndim(logits) == jnp.ndim(y) + 1):
-    valid &= jnp.all((y >= 0) & (y < jnp.shape(logits)[-1]))
+    valid &= jnp.all((y >= 0) & (y < jnp.shape(logits)[-1]) |
+                     (jnp.asarray(w) == 0))
   return jnp.where(valid, e, jnp.nan)
 
 
@@ -337,18 +372,34 @@ class Forward:
 
   ``loss(run)`` is the mean loss of the logits of ``run()`` (which applies
   the model to ``x`` under the adapter's interception and returns
-  ``(logits, extra)``), returning the layers' inputs and outputs and
-  ``extra`` (e.g. updated collections) as auxiliary values so that they
-  leave the gradient transform as plain arrays; ``problems(...)`` then
-  assembles :class:`Problems`.
+  ``(logits, extra)``), returning the layers' inputs, outputs and
+  parameters and ``extra`` (e.g. updated collections) as auxiliary values
+  so that they leave the gradient transform as plain arrays;
+  ``problems(...)`` then assembles :class:`Problems`.
+
+  The mean loss is ``J = Σ w ℓ / Σ w`` over every loss term (one per
+  example, or per position for a per-token loss), with ``w`` the
+  ``weights`` (see :func:`row_weights`) or ones.
   """
 
-  def __init__(self, x, y, loss_fn):
+  def __init__(self, x, y, loss_fn, weights=None):
     self.x, self.y, self.loss_fn = x, y, loss_fn
     check_batch(x, y)
+    if weights is not None:
+      weights = jnp.asarray(weights)
+      if (weights.ndim == 0 or weights.shape[0] != x.shape[0] or
+          not jnp.issubdtype(weights.dtype, jnp.inexact) and
+          weights.dtype != jnp.bool_):
+        raise ValueError(
+            f'weights must be an array of floats or booleans with the '
+            f'batch ({x.shape[0]}) as its leading axis, got '
+            f'{weights.dtype}{list(weights.shape)}')
+      weights = weights.astype(jnp.result_type(float))
+    self.weights = weights
     self.records: list[Record] = []
     self.modules: dict[Path, type] = {}  # see Tape.modules
     self.is_last = False
+    self.loss_shape = ()
 
   def loss(self, run):
     tape = Tape()
@@ -359,8 +410,18 @@ class Forward:
     self.records = tape.records
     self.modules = {**self.modules, **tape.modules}
     self.is_last = bool(tape.records) and logits is tape.records[-1].outputs
-    return jnp.mean(losses), ([r.inputs for r in tape.records],
-                              [r.outputs for r in tape.records], extra)
+    self.loss_shape = losses.shape
+    if self.weights is None:
+      terms = losses.size
+      loss = jnp.mean(losses)
+    else:
+      w = row_weights(self.weights, losses.shape, 'the loss')
+      terms = jnp.sum(w)
+      # 0 / 0 (every weight 0) makes the step NaN: it is flagged, skipped.
+      loss = jnp.sum(w * losses) / terms
+    return loss, ([r.inputs for r in tape.records],
+                  [r.outputs for r in tape.records],
+                  [r.params for r in tape.records], terms, extra)
 
   def owned(self) -> set[Path]:
     """The paths of the recorded layers' parameters (without a prefix)."""
@@ -369,11 +430,15 @@ class Forward:
 
   def problems(self, loss, aux, *, runner, data, prefix: Path = (),
                check: bool = True):
-    inputs, outputs, _ = aux
-    records = [dataclasses.replace(r, inputs=i, outputs=o)
-               for r, i, o in zip(self.records, inputs, outputs)]
+    inputs, outputs, params, terms, _ = aux
+    records = [dataclasses.replace(r, inputs=i, outputs=o, params=p)
+               for r, i, o, p in zip(self.records, inputs, outputs, params)]
     logits = records[-1].outputs if records and self.is_last else None
+    weights = None if self.weights is None else row_weights(
+        self.weights, self.loss_shape, 'the loss')
     error = (None if logits is None else
-             output_error(self.loss_fn, logits, self.y, loss))
+             output_error(self.loss_fn, logits, self.y, loss, weights))
     return build_problems(records, error, logits, runner=runner, data=data,
-                          x=self.x, prefix=prefix, check=check)
+                          x=self.x, prefix=prefix, check=check,
+                          weights=self.weights,
+                          loss_terms=jnp.asarray(terms, jnp.float32))

@@ -32,10 +32,12 @@ def _interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   name = problems_lib.path_str(path)
   inputs = args[0]
+  names = entry.names(module)
   return tape.visit(
-      path, inputs, lambda: next_fun(*args, **kwargs),
-      entry.names(module),
-      lambda: entry.describe(module, name, inputs.shape))
+      path, inputs, lambda: next_fun(*args, **kwargs), names,
+      lambda: entry.describe(module, name, inputs.shape),
+      lambda: tuple(None if n is None else module.get_variable('params', n)
+                    for n in names))
 
 
 def _is_variables(params) -> bool:
@@ -113,7 +115,7 @@ def _mutable_names(mutable, collections) -> tuple[str, ...]:
 def value_grad_and_problems(module: nn.Module, params, x, y, *args,
                             loss_fn, rngs=None, mutable=False,
                             model_state=None, check_chain: bool = True,
-                            unsolved: str = 'raise', **kwargs):
+                            unsolved: str = 'raise', weights=None, **kwargs):
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``module.apply(variables, x, *args, rngs=rngs, mutable=mutable,
@@ -149,7 +151,13 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
     x: the batch of inputs, leading axis the batch.
     y: the labels, with the same leading axis.
     *args: further positional arguments of the module call.
-    loss_fn: ``loss_fn(logits, labels)`` returning one loss per example.
+    loss_fn: ``loss_fn(logits, labels)`` returning unreduced losses:
+      one loss per example ``(B,)`` or per position ``(B, T, ...)``, e.g.
+      ``optax.softmax_cross_entropy_with_integer_labels``. Every loss term
+      is then an example of the sweep: ``J`` is their mean, the output
+      error ``e = ∂ℓ/∂z`` is each term's own gradient (not divided by the
+      number of terms), and ``η`` moves each token's logits as it moves an
+      example's.
     rngs: the ``rngs`` of ``module.apply``, e.g. ``{'dropout': key}``.
     mutable: the ``mutable`` of ``module.apply``, e.g. ``['batch_stats']``
       for train-mode ``BatchNorm``. When set, the updated collections are
@@ -168,6 +176,15 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
       lets the transformations hand them the incoming gradient (``sibp``:
       a plain gradient step of size ``learning_rate``; ``proxbp``: its
       outer optimizer).
+    weights: ``None``, or a weight per example ``(B,)`` or per position
+      ``(B, T, ...)`` (padding, masked tokens: 0 drops the term). The
+      mean loss becomes ``J = Σ w ℓ / Σ w`` (per-position weights
+      broadcast over a per-position loss; a per-example loss takes each
+      example's largest weight), the output error ``w ⊙ ∂ℓ/∂z``, and
+      every layer's regression weighs its rows alike: a layer applied at
+      every position takes the weights position by position, a layer
+      after pooling takes each example's largest. A row of weight 0 is not
+      part of any problem.
     **kwargs: further keyword arguments of the module call, e.g.
       ``train=True``.
 
@@ -196,7 +213,7 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
     >>> params = optax.apply_updates(params, updates)
   """
   flax_layers.check_unsolved(unsolved)
-  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
+  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn, weights)
   as_variables = _is_variables(params)
   if as_variables:
     state = {k: v for k, v in params.items() if k != 'params'}
@@ -232,7 +249,7 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
       loss, aux, runner=runner, data=(variables, rngs, arrays),
       prefix=('params',) if as_variables else (), check=check_chain)
   if mutable_names:
-    return loss, grads, problems, aux[2]
+    return loss, grads, problems, aux[-1]
   return loss, grads, problems
 
 

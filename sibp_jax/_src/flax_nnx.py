@@ -48,10 +48,12 @@ def _intercept(model):
         return compute()
       entry = flax_layers.lookup(self)
       name = problems_lib.path_str(path)
+      names = entry.names(self)
       return tape.visit(
-          path, inputs, compute,
-          entry.names(self),
-          lambda: entry.describe(self, name, inputs.shape))
+          path, inputs, compute, names,
+          lambda: entry.describe(self, name, inputs.shape),
+          lambda: tuple(None if n is None else getattr(self, n)[...]
+                        for n in names))
     return call
 
   def refused(name, original):
@@ -93,7 +95,7 @@ class _Runner:
 
 def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
                             check_chain: bool = True,
-                            unsolved: str = 'raise'):
+                            unsolved: str = 'raise', weights=None):
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``model(x)`` once, recording the input ``f_{i-1}`` and output
@@ -123,8 +125,13 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
     x: the batch of inputs, leading axis the batch.
     y: the labels (any array with the same leading axis).
-    loss_fn: ``loss_fn(logits, labels)`` returning one loss per example,
-      e.g. ``optax.softmax_cross_entropy_with_integer_labels``.
+    loss_fn: ``loss_fn(logits, labels)`` returning unreduced losses:
+      one loss per example ``(B,)`` or per position ``(B, T, ...)``, e.g.
+      ``optax.softmax_cross_entropy_with_integer_labels``. Every loss term
+      is then an example of the sweep: ``J`` is their mean, the output
+      error ``e = ∂ℓ/∂z`` is each term's own gradient (not divided by the
+      number of terms), and ``η`` moves each token's logits as it moves an
+      example's.
     check_chain: read the layers' graph off one extra trace (default
       ``True``; nothing at run time): refuse layers that reach no output,
       and tell chain links (where the SIBP paper variant's segments are
@@ -136,6 +143,15 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
       lets the transformations hand them the incoming gradient (``sibp``:
       a plain gradient step of size ``learning_rate``; ``proxbp``: its
       outer optimizer).
+    weights: ``None``, or a weight per example ``(B,)`` or per position
+      ``(B, T, ...)`` (padding, masked tokens: 0 drops the term). The
+      mean loss becomes ``J = Σ w ℓ / Σ w`` (per-position weights
+      broadcast over a per-position loss; a per-example loss takes each
+      example's largest weight), the output error ``w ⊙ ∂ℓ/∂z``, and
+      every layer's regression weighs its rows alike: a layer applied at
+      every position takes the weights position by position, a layer
+      after pooling takes each example's largest. A row of weight 0 is not
+      part of any problem.
 
   Returns:
     ``(loss, grads, problems)``: the mean loss, the gradient (the same
@@ -154,7 +170,7 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     [(5, 4), (5, 8)]
   """
   flax_layers.check_unsolved(unsolved)
-  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn)
+  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn, weights)
   # The sweep replays the model from the state the forward pass started
   # from: the same random state draws the same dropout mask, and what the
   # replay changes (BatchStat, RngCount) is discarded with its copy. The

@@ -68,6 +68,10 @@ class Dense:
     return (math.prod(output_shape[:-1]),
             0 if kernel_shape is None else math.prod(kernel_shape[:-1]))
 
+  def row_shape(self, output_shape) -> tuple[int, ...]:
+    """The output's row axes: its shape without the feature axes."""
+    return tuple(output_shape[:-1])
+
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     """Raises ``ValueError`` if the recorded arrays do not fit the params."""
     if len(kernel_shape) != 2:
@@ -149,6 +153,7 @@ class Conv:
     return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))
 
   sizes = Dense.sizes
+  row_shape = Dense.row_shape
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     nd = len(self.strides)
@@ -217,6 +222,9 @@ class DenseGeneral:
             0 if kernel_shape is None else
             math.prod(kernel_shape[:len(self.axis)]))
 
+  def row_shape(self, output_shape) -> tuple[int, ...]:
+    return tuple(output_shape[:-self.features])
+
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     n = len(self.axis)
     contracted = tuple(inputs.shape[a] for a in self.axis)
@@ -268,6 +276,8 @@ class Embed:
   def sizes(self, kernel_shape, output_shape) -> tuple[int, int]:
     return (math.prod(output_shape[:-1]),
             0 if kernel_shape is None else kernel_shape[0])
+
+  row_shape = Dense.row_shape
 
   def gram_diagonal(self, inputs, dtype):
     """``diag(FᵀF)``: the count of each id among the rows, shape ``(V,)``."""

@@ -98,6 +98,14 @@ class LayerProblem:
     kind: the static description of the linear map (:class:`Dense`, ...).
     kernel_path: where the kernel lives in the parameter tree.
     bias_path: where the bias lives, or ``None`` for a layer without one.
+    params: ``(kernel, bias)`` as the forward pass used them (``bias``
+      ``None`` for a layer without one): the weights a frozen layer (one
+      whose parameters the transformation is not given) passes the error
+      through.
+    row_weights: the weight of each row of the layer's regression, shaped
+      like the output's row axes (the output's shape without its feature
+      axes), or ``None`` for all ones: a row of weight 0 (a padded
+      position, a masked example) is not part of the problem.
   """
 
   inputs: jax.Array
@@ -106,6 +114,8 @@ class LayerProblem:
   kind: Hashable
   kernel_path: Path
   bias_path: Path | None
+  params: tuple[jax.Array, jax.Array | None] | None = None
+  row_weights: jax.Array | None = None
 
   @property
   def name(self) -> str:
@@ -124,15 +134,25 @@ class Problems:
     graph: the model as a function of its layers' outputs, for the sweep
       over a general graph; ``None`` when only the chain's segments are
       known (then the layers must form a chain).
+    loss_terms: the number of terms the mean loss ``J`` averages (the batch
+      size for one loss per example, examples times positions for one per
+      token, the sum of the weights with weights), so that ``∇_z J =
+      output_error / loss_terms``; ``None`` for the batch size.
   """
 
   layers: tuple[LayerProblem, ...]
   output_error: jax.Array
   graph: Graph | None = None
+  loss_terms: jax.Array | None = None
 
   @property
   def batch_size(self) -> int:
     return self.output_error.shape[0]
+
+  @property
+  def terms(self):
+    """:attr:`loss_terms`, or the batch size where it is ``None``."""
+    return self.batch_size if self.loss_terms is None else self.loss_terms
 
 
 jax.tree_util.register_dataclass(
@@ -140,10 +160,11 @@ jax.tree_util.register_dataclass(
 jax.tree_util.register_dataclass(
     Graph, data_fields=['data', 'inputs'], meta_fields=['fn'])
 jax.tree_util.register_dataclass(
-    LayerProblem, data_fields=['inputs', 'outputs', 'segment'],
+    LayerProblem,
+    data_fields=['inputs', 'outputs', 'segment', 'params', 'row_weights'],
     meta_fields=['kind', 'kernel_path', 'bias_path'])
 jax.tree_util.register_dataclass(
-    Problems, data_fields=['layers', 'output_error', 'graph'],
+    Problems, data_fields=['layers', 'output_error', 'graph', 'loss_terms'],
     meta_fields=[])
 
 
