@@ -301,8 +301,8 @@ def test_paper_variant_fits_through_relu_and_pool():
   assert bool(info.finite)
   # The conv layer's fit objective through ReLU and pooling decreased: the
   # solver's gradient ratio is below 1 and iterations were spent.
-  assert float(info.residual) < 1.0
-  assert int(info.iterations) > 10
+  assert float(info.residual['conv']) < 1.0
+  assert int(info.iterations['conv']) > 10
 
 
 class LinenConvNet(nn.Module):
