@@ -319,9 +319,11 @@ def skip_outer_on_bad_step(
   outer = optax.with_extra_args_support(outer)
 
   def init(params):
-    zero = jnp.zeros((), jnp.int32)
-    return SkipOnBadStepState(inner.init(params), outer.init(params), zero,
-                              zero)
+    # Two arrays, not one twice: a donated state must not hold one buffer
+    # in two places.
+    return SkipOnBadStepState(inner.init(params), outer.init(params),
+                              jnp.zeros((), jnp.int32),
+                              jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, **extra_args):
     direction, inner_state = inner.update(updates, state.inner, params,
