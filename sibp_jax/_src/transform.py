@@ -17,7 +17,6 @@ the transformation warns (once) when they disagree.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -44,8 +43,8 @@ class SkipOnBadStepState(NamedTuple):
     total_notfinite: skipped steps in all.
   """
 
-  inner: Any
-  outer: Any
+  inner: optax.OptState
+  outer: optax.OptState
   notfinite_count: jax.Array
   total_notfinite: jax.Array
 

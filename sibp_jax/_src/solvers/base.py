@@ -97,7 +97,7 @@ class SolveInfo(NamedTuple):
 
   iterations: jax.Array
   residual: jax.Array
-  status: Any = SolveStatus.CONVERGED
+  status: jax.typing.ArrayLike = SolveStatus.CONVERGED
 
 
 def status_of(converged: jax.Array, delta: Any) -> jax.Array:
