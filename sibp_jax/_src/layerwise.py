@@ -205,7 +205,9 @@ def _per_layer(state_info, problems, new, layer_finite) -> tuple[dict, ...]:
     # A kernel used by two layer calls (shared weights): one entry.
     found[layer.name] = (solvers.combine(found[layer.name], info)
                          if layer.name in found else solvers.combine(info))
-  status, iterations, residual = (dict(d) for d in state_info[1:4])
+  status, iterations, residual = (dict(state_info.status),
+                                  dict(state_info.iterations),
+                                  dict(state_info.residual))
   for name, info in found.items():
     iterations[name] = info.iterations.astype(jnp.int32)
     residual[name] = info.residual.astype(jnp.float32)
