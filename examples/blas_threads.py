@@ -8,7 +8,7 @@ This script calls each op once at a few sizes, sleeps 50 ms, and prints
 the process's CPU seconds per second of that sleep: 0 on one thread, about
 1 when a worker spins (the worst of 3 tries). The sizes at which
 ``potrf`` starts spinning set ``_single_threaded_potrf_max`` in
-``sibp_jax/_src/solvers.py``.
+``sibp_jax/_src/solvers/cholesky.py``.
 
     python examples/blas_threads.py
 """

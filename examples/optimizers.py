@@ -51,7 +51,8 @@ def _sibp(variant: str | None):
   def make(lr, hp):
     kwargs = {'lambda_w': hp.lambda_w, 'lambda_b': hp.lambda_b}
     if variant == 'paper':
-      kwargs['solver'] = sibp_jax.NonlinearCG(iterations=hp.inner_iterations)
+      kwargs['nonlinear_solver'] = sibp_jax.NonlinearCG(
+          iterations=hp.inner_iterations)
     if variant:
       kwargs['variant'] = variant
     return sibp_jax.sibp(lr, **kwargs)

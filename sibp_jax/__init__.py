@@ -8,6 +8,10 @@ from sibp_jax._src.kinds import Conv
 from sibp_jax._src.kinds import Dense
 from sibp_jax._src.kinds import DenseGeneral
 from sibp_jax._src.kinds import Embed
+from sibp_jax._src.layerwise import LayerwiseInfo
+from sibp_jax._src.layerwise import LayerwiseState
+from sibp_jax._src.mismatch import GradMismatchError
+from sibp_jax._src.mismatch import GradMismatchWarning
 from sibp_jax._src.problems import LayerProblem
 from sibp_jax._src.problems import Problems
 from sibp_jax._src.problems import Segment
@@ -17,11 +21,8 @@ from sibp_jax._src.solvers import Ridge
 from sibp_jax._src.solvers import RidgeProblem
 from sibp_jax._src.solvers import RidgeSolver
 from sibp_jax._src.solvers import SolveInfo
+from sibp_jax._src.solvers import SolveStatus
 from sibp_jax._src.sweep import backward_sweep  # noqa: F401  (not in __all__)
-from sibp_jax._src.transform import LayerwiseInfo
-from sibp_jax._src.transform import ScaleByProxBPState
-from sibp_jax._src.transform import ScaleBySIBPState
-from sibp_jax._src.transform import SIBPInfo  # noqa: F401
 from sibp_jax._src.transform import SkipOnBadStepState
 from sibp_jax._src.transform import scale_by_proxbp
 from sibp_jax._src.transform import scale_by_sibp
@@ -35,18 +36,20 @@ __all__ = (
     'Dense',
     'DenseGeneral',
     'Embed',
+    'GradMismatchError',
+    'GradMismatchWarning',
     'LayerProblem',
     'LayerwiseInfo',
+    'LayerwiseState',
     'NonlinearCG',
     'Problems',
     'Ridge',
     'RidgeProblem',
     'RidgeSolver',
-    'ScaleByProxBPState',
-    'ScaleBySIBPState',
     'Segment',
     'SkipOnBadStepState',
     'SolveInfo',
+    'SolveStatus',
     'linen',
     'nnx',
     'proxbp',

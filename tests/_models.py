@@ -207,7 +207,7 @@ def step_inputs(model, x, y, loss_fn=xent, **kwargs):
 
 
 def find_info(state):
-  """The SIBPInfo inside any optax state."""
+  """The :class:`sibp_jax.LayerwiseInfo` inside any optax state."""
   return optax.tree_utils.tree_get(nnx.as_pure(state), 'info')
 
 

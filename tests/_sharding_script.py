@@ -79,8 +79,9 @@ def _cases(cholesky: bool):
       'sibp_linearized': lambda: sibp_jax.sibp(0.1, solver=ridge),
       'sibp_linearized_cg': lambda: sibp_jax.sibp(
           0.1, solver=sibp_jax.ConjugateGradient(5)),
-      'sibp_paper': lambda: sibp_jax.sibp(0.1, variant='paper', solver=inner,
-                                          last_layer_solver=last),
+      'sibp_paper': lambda: sibp_jax.sibp(
+          0.1, variant='paper', nonlinear_solver=inner,
+          last_layer_solver=last),
       'proxbp_exact': lambda: sibp_jax.proxbp(1.0, tau_prox=0.05,
                                               solver=ridge),
       'proxbp_cg3': lambda: sibp_jax.proxbp(

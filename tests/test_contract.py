@@ -402,14 +402,19 @@ def test_state_reports_diagnostics():
   out = _small_mlp_updates()
   # Exact solves show round-off; 4 CG steps on 9 unknowns per column a
   # clearly larger, still small, residual.
+  # Per layer, keyed by the layers' names.
   for key, iterations, bounds in [
       ('scale_by_sibp', 0, (0.0, 1e-4)),
-      ('scale_by_proxbp_cg4', 8, (1e-5, 0.1))]:
+      ('scale_by_proxbp_cg4', 4, (1e-5, 0.1))]:
     _, state = out[key]
     assert int(state.count) == 1
     assert bool(state.info.finite)
-    assert int(state.info.iterations) == iterations
-    assert bounds[0] <= float(state.info.residual) < bounds[1]
+    assert sorted(state.info.iterations) == ['layers/0', 'layers/1']
+    for name, its in state.info.iterations.items():
+      assert int(its) == iterations, (key, name)
+      assert bounds[0] <= float(state.info.residual[name]) < bounds[1]
   _, state = out['scale_by_sibp_paper']
-  # Hidden layer: weights and bias, ≥ 1 + 5 evaluations each.
-  assert int(state.info.iterations) >= 12
+  # Hidden layer: weights and bias, ≥ 1 + 5 evaluations each; the last
+  # layer is solved exactly.
+  assert int(state.info.iterations['layers/0']) >= 12
+  assert int(state.info.iterations['layers/1']) == 0

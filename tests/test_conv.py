@@ -144,7 +144,7 @@ def test_conv_ridge_solves_match_dense_reference(index, block):
                                    [np.asarray(db)[None]]), axis=0)
 
   # CG runs eagerly: over a conv the library unrolls its loop (see
-  # sibp_jax._src.problems.unroll_loops), and 60 unrolled steps compile far
+  # sibp_jax._src.kinds.unroll_loops), and 60 unrolled steps compile far
   # slower than they run. ProxBP-CG's jitted ConvNet steps are in
   # test_contract and test_train.
   cg = sibp_jax.ConjugateGradient(60, tol=0.0)
@@ -301,8 +301,8 @@ def test_paper_variant_fits_through_relu_and_pool():
   assert bool(info.finite)
   # The conv layer's fit objective through ReLU and pooling decreased: the
   # solver's gradient ratio is below 1 and iterations were spent.
-  assert float(info.residual) < 1.0
-  assert int(info.iterations) > 10
+  assert float(info.residual['conv']) < 1.0
+  assert int(info.iterations['conv']) > 10
 
 
 class LinenConvNet(nn.Module):

@@ -15,6 +15,10 @@ from sibp_jax._src import alias
 from sibp_jax._src import flax_linen
 from sibp_jax._src import flax_nnx
 from sibp_jax._src import transform
+from sibp_jax._src.solvers import base as solvers_base
+from sibp_jax._src.solvers import conjugate_gradient
+from sibp_jax._src.solvers import nonlinear_cg
+from sibp_jax._src.solvers import ridge
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = {p.relative_to(ROOT).as_posix(): p.read_text()
@@ -108,7 +112,9 @@ def test_readme_commands_match_ci():
     assert line in ci, line
 
 
-@pytest.mark.parametrize('module', [alias, transform, flax_nnx, flax_linen])
+@pytest.mark.parametrize('module', [
+    alias, transform, flax_nnx, flax_linen, solvers_base, ridge,
+    conjugate_gradient, nonlinear_cg])
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.failed == 0

@@ -28,6 +28,7 @@ from _models import ResNet
 from _models import arch_data
 from _models import batch_norm
 from _models import classification
+from _models import find_info
 from _models import jit_step_inputs
 from _models import jit_updates
 from _models import linen_variables_from
@@ -324,6 +325,22 @@ def test_chain_update_is_unchanged_by_the_graph_sweep():
     # float32 round-off: the same operations in another program.
     chex.assert_trees_all_close(a[name][0], b[name][0], rtol=1e-5,
                                 atol=1e-7, custom_message=name)
+    # The per-layer report reaches the state through the graph sweep too.
+    info_a, info_b = find_info(a[name][1]), find_info(b[name][1])
+    chex.assert_trees_all_equal(
+        (info_a.status, info_a.iterations), (info_b.status, info_b.iterations),
+        custom_message=name)
+    chex.assert_trees_all_close(info_a.residual, info_b.residual, rtol=1e-4,
+                                custom_message=name)
+  # A solve handed to Ridge's fallback says so through the graph sweep.
+  tx = sibp_jax.scale_by_proxbp(solver=sibp_jax.Ridge(max_factor=2))
+  _, state = jax.jit(functools.partial(tx.update, problems=problems))(
+      grads, tx.init(params), params)
+  assert sorted(state.info.status) == sorted(
+      layer.name for layer in problems.layers)
+  for name, status in state.info.status.items():
+    assert int(status) >= sibp_jax.SolveStatus.FALLBACK, name
+    assert int(state.info.iterations[name]) > 0, name
 
 
 def test_paper_variant_refuses_a_graph_and_takes_a_chain_with_norm():

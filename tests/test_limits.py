@@ -55,7 +55,7 @@ def _limit_updates(graphdef, state, x, y, tau, lam):
       'sibp': update(sibp_jax.sibp(0.5, lambda_w=lam, lambda_b=lam)),
       'paper': update(sibp_jax.sibp(
           0.1, variant='paper', lambda_w=1e4, lambda_b=1e4,
-          solver=sibp_jax.NonlinearCG(iterations=1))),
+          nonlinear_solver=sibp_jax.NonlinearCG(iterations=1))),
   }
 
 

@@ -237,6 +237,7 @@ def test_tiny_lambda_on_a_singular_gram_shows_in_the_residual():
   for delta, info in _ridge_solves(p):
     chex.assert_tree_all_finite(delta)
     assert np.isfinite(float(info.residual))
+    assert int(info.status) == sibp_jax.SolveStatus.CONVERGED
 
 
 @pytest.mark.parametrize('name', NAMES)

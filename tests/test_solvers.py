@@ -1,5 +1,6 @@
 """Solvers against closed forms, each other, and their own guarantees."""
 
+import dataclasses
 import functools
 import re
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import sibp_jax
+from sibp_jax._src.solvers import cholesky
 
 # float32 solves of systems with condition number up to ~1e3 (λ = 0.5..2,
 # ‖F‖² ~ rows·cols): a relative residual of 1e-4 is ~1000 ulps, tight enough
@@ -119,17 +121,16 @@ def test_cpu_blocked_and_lapack_spd_solves_agree(dtype):
   LAPACK's whole solve against NumPy's float64 solve, at sides around the
   inverse's block size (one block, two, padded ones) and at the largest
   side LAPACK factors whole and past it (one split, then two, odd ones)."""
-  from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   tol = 1e-4 if dtype == jnp.float32 else 1e-10
-  whole = solvers._single_threaded_potrf_max(dtype)
-  sides = (1, solvers._BLOCK, solvers._BLOCK + 1, 3 * solvers._BLOCK - 1,
+  whole = cholesky._single_threaded_potrf_max(dtype)
+  sides = (1, cholesky._BLOCK, cholesky._BLOCK + 1, 3 * cholesky._BLOCK - 1,
            whole, whole + 1, 2 * whole + 3)
-  paths = [('potrf', functools.partial(solvers._blocked_spd_solve,
+  paths = [('potrf', functools.partial(cholesky._blocked_spd_solve,
                                        lapack=True)),
-           ('xla', functools.partial(solvers._blocked_spd_solve,
+           ('xla', functools.partial(cholesky._blocked_spd_solve,
                                      lapack=False)),
-           ('lapack', solvers._lapack_spd_solve)]
+           ('lapack', cholesky._lapack_spd_solve)]
   with jax.enable_x64(dtype == jnp.float64):
     for n in sides:
       m = rng.normal(size=(n, 2 * n))
@@ -138,7 +139,7 @@ def test_cpu_blocked_and_lapack_spd_solves_agree(dtype):
       expected = np.linalg.solve(a, b)
       args = (jnp.asarray(a, dtype), jnp.asarray(b, dtype))
       for name, solve in paths:
-        if name == 'xla' and n > 2 * solvers._BLOCK:
+        if name == 'xla' and n > 2 * cholesky._BLOCK:
           continue  # the same recursion as 'potrf' above the blocks
         x = np.asarray(jax.jit(solve)(*args), np.float64)
         error = np.linalg.norm(x - expected) / np.linalg.norm(expected)
@@ -156,12 +157,11 @@ def test_cpu_solve_calls_lapack_only_on_one_thread(monkeypatch):
   OpenBLAS's threading size: no triangular solves, whose threads wake at
   about a thousand right-hand-side entries and then spin. Past the
   blocked solve's limit it hands the whole system to LAPACK."""
-  from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(solvers, '_CPU_SOLVE_MAX', 600)
-  calls = _lapack_calls(solvers._spd_solve, jnp.eye(600), jnp.ones((600, 9)))
+  monkeypatch.setattr(cholesky, '_CPU_SOLVE_MAX', 600)
+  calls = _lapack_calls(cholesky.spd_solve, jnp.eye(600), jnp.ones((600, 9)))
   assert {name for name, _ in calls} == {'spotrf'}, calls
   assert all(int(shape.split('x')[0]) <= 255 for _, shape in calls), calls
-  calls = _lapack_calls(solvers._spd_solve, jnp.eye(601), jnp.ones((601, 9)))
+  calls = _lapack_calls(cholesky.spd_solve, jnp.eye(601), jnp.ones((601, 9)))
   assert {name for name, _ in calls} == {'spotrf', 'strsm'}
 
 
@@ -169,7 +169,6 @@ def test_cpu_solve_under_vmap_is_plain_xla():
   """Batched solves make no LAPACK call (a vmapped training scan with them
   has hung XLA:CPU) and agree with the solves one at a time, for batched
   and shared factors."""
-  from sibp_jax._src import solvers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(1)
   n = 40
   m = rng.normal(size=(3, n, 2 * n))
@@ -179,9 +178,9 @@ def test_cpu_solve_under_vmap_is_plain_xla():
   for axes in [(0, 0), (None, 0), (0, None)]:
     args = tuple(x if ax is not None else x[0]
                  for x, ax in zip((a, b), axes, strict=True))
-    batched = jax.vmap(solvers._spd_solve, axes)
+    batched = jax.vmap(cholesky.spd_solve, axes)
     assert not _lapack_calls(batched, *args), axes
-    one = [solvers._spd_solve(args[0] if axes[0] is None else a[i],
+    one = [cholesky.spd_solve(args[0] if axes[0] is None else a[i],
                               args[1] if axes[1] is None else b[i])
            for i in range(3)]
     np.testing.assert_allclose(jax.jit(batched)(*args), jnp.stack(one),
@@ -200,6 +199,9 @@ def test_cg_with_enough_steps_reaches_exact(kernel, bias):
   chex.assert_trees_all_close(approx, exact, rtol=1e-3, atol=1e-5)
   assert float(info.residual) < 1e-3
   assert int(info.iterations) == 12
+  # tol = 0 never exits early: the limit is reported, however small the
+  # residual.
+  assert int(info.status) == sibp_jax.SolveStatus.MAX_ITERATIONS
 
 
 def test_cg_few_steps_is_partial_and_reports_it():
@@ -208,6 +210,7 @@ def test_cg_few_steps_is_partial_and_reports_it():
       (sibp_jax.ConjugateGradient(1), sibp_jax.ConjugateGradient(12, tol=0.0)),
       p)
   assert float(info1.residual) > 10 * float(info12.residual)
+  assert int(info1.status) == sibp_jax.SolveStatus.MAX_ITERATIONS
 
 
 def test_cg_zero_rhs_stays_zero():
@@ -219,6 +222,41 @@ def test_cg_zero_rhs_stays_zero():
   chex.assert_tree_all_finite(delta)
   assert float(jnp.abs(_stack(delta)).max()) == 0.0
   assert float(info.residual) == 0.0
+  assert int(info.status) == sibp_jax.SolveStatus.CONVERGED
+
+
+# Every status, from each solver that can report it: an exact solve, one
+# handed to a fallback that converges and one whose fallback stops at its
+# limit, CG with and without enough steps, each also on a problem with a NaN.
+STATUS_SOLVERS = {
+    'ridge': sibp_jax.Ridge(),
+    'fallback': sibp_jax.Ridge(max_factor=3,
+                               fallback=sibp_jax.ConjugateGradient(20)),
+    'fallback-limit': sibp_jax.Ridge(
+        max_factor=3, fallback=sibp_jax.ConjugateGradient(1)),
+    'cg': sibp_jax.ConjugateGradient(20),
+    'cg-limit': sibp_jax.ConjugateGradient(1),
+}
+
+
+def test_every_status_is_reported():
+  s = sibp_jax.SolveStatus
+  p = _problem(30, 6, 3, seed=7)
+  bad = dataclasses.replace(p, residual=p.residual.at[2, 1].set(jnp.nan))
+  expected = {'ridge': s.CONVERGED, 'fallback': s.FALLBACK,
+              'fallback-limit': s.MAX_ITERATIONS, 'cg': s.CONVERGED,
+              'cg-limit': s.MAX_ITERATIONS}
+  for problem, nonfinite in ((p, False), (bad, True)):
+    solved = _jit_solves(tuple(STATUS_SOLVERS.values()), problem)
+    for name, (_, info) in zip(STATUS_SOLVERS, solved, strict=True):
+      want = s.NONFINITE if nonfinite else expected[name]
+      assert int(info.status) == want, (name, s(int(info.status)), want)
+  # The nonlinear solver: converged, at its limit (above) and not finite.
+  solver = sibp_jax.NonlinearCG()
+  _, info = solver.minimize(lambda x: jnp.sum(x ** 2) * jnp.nan, jnp.ones(3))
+  assert int(info.status) == s.NONFINITE
+  assert s.unconverged(s.NONFINITE) and not s.unconverged(s.FALLBACK)
+  assert 'iteration limit' in s.MAX_ITERATIONS.message
 
 
 def _relu_fit(seed):
@@ -258,6 +296,9 @@ def test_nonlinear_cg_never_increases_objective(seed, iterations):
             for k in range(1, iterations + 1)]
   assert all(b <= a for a, b in zip(values, values[1:])), values
   assert int(info.iterations) >= 1 + iterations
+  # A few iterations leave the gradient above 1e-2 of its start.
+  assert float(info.residual) > solver.tol
+  assert int(info.status) == sibp_jax.SolveStatus.MAX_ITERATIONS
 
 
 def test_nonlinear_cg_keeps_point_when_no_step_is_accepted():
@@ -275,6 +316,7 @@ def test_nonlinear_cg_stationary_start_stays():
   w, info = solver.minimize(lambda w: jnp.vdot(w - 1.0, w - 1.0), w0)
   chex.assert_trees_all_equal(w, w0)
   assert float(info.residual) == 0.0
+  assert int(info.status) == sibp_jax.SolveStatus.CONVERGED
 
 
 def test_nonlinear_cg_converges_on_quadratic():
@@ -287,6 +329,7 @@ def test_nonlinear_cg_converges_on_quadratic():
   expected = jnp.linalg.solve(a.T @ a + jnp.eye(8), a.T @ b)
   np.testing.assert_allclose(x, expected, rtol=1e-2, atol=1e-3)
   assert float(info.residual) < 1e-2
+  assert int(info.status) == sibp_jax.SolveStatus.CONVERGED
 
 
 @jax.jit
@@ -445,6 +488,7 @@ def test_cg_early_exit_fires_as_the_authors():
       expected, steps = _block_cg_reference(p, 50, 'columns', tol=tol)
       assert 1 < steps < 50, steps
       assert int(info.iterations) == steps, tol
+      assert int(info.status) == sibp_jax.SolveStatus.CONVERGED, tol
       np.testing.assert_allclose(_stack(delta), expected, rtol=1e-10,
                                  atol=1e-10 * np.abs(expected).max(),
                                  err_msg=str(tol))

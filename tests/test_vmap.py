@@ -53,7 +53,7 @@ def train(tx, graphdef, params, xs, ys, opt_state=None):
   """``STEPS`` steps of the pure train step, scanned over the batches.
 
   Starts from ``opt_state`` (default ``tx.init(params)``). Returns the final
-  parameters, the losses and the inner iteration counts.
+  parameters, the losses and the inner iteration counts (per layer).
   """
 
   def step(carry, batch):
@@ -80,7 +80,8 @@ def _assert_same_runs(batched, separate):
     scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(p))
     chex.assert_trees_all_close(run, p, rtol=0, atol=RTOL * scale)
     np.testing.assert_allclose(losses[k], loss, rtol=RTOL)
-    np.testing.assert_array_equal(iterations[k], its)
+    chex.assert_trees_all_equal(
+        jax.tree.map(lambda a, k=k: a[k], iterations), its)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import optax
 
+from sibp_jax._src import solvers
 from sibp_jax._src import transform
 
 
@@ -16,8 +17,10 @@ def sibp(
     variant: str = 'linearized',
     lambda_w: jax.typing.ArrayLike = 1.0,
     lambda_b: jax.typing.ArrayLike = 1.0,
-    solver: Any = None,
-    last_layer_solver: Any = None,
+    solver: str | solvers.RidgeSolver | None = None,
+    nonlinear_solver: solvers.NonlinearCG | None = None,
+    last_layer_solver: str | solvers.RidgeSolver | None = None,
+    on_grad_mismatch: str = 'warn',
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -83,8 +86,11 @@ def sibp(
     lambda_w: ``λ_W`` (> 0; absolute, with the data term summed over the
       batch; default 1).
     lambda_b: ``λ_b`` (> 0; default 1).
-    solver: see :func:`scale_by_sibp`.
+    solver: ``'linearized'`` only, see :func:`scale_by_sibp`.
+    nonlinear_solver: ``'paper'`` only, a :class:`sibp_jax.NonlinearCG`.
     last_layer_solver: ``'paper'`` only, see :func:`scale_by_sibp`.
+    on_grad_mismatch: ``'warn'`` (default, once), ``'raise'`` or
+      ``'ignore'``, see :func:`scale_by_sibp`.
     weight_decay: ``wd``, decoupled weight decay (>= 0, a scalar; per step
       the parameters shrink by ``η · wd`` of their value; default 0, none).
     weight_decay_mask: a tree of booleans like the parameters, or a
@@ -123,7 +129,9 @@ def sibp(
       transform.scale_by_sibp(learning_rate, variant=variant,
                               lambda_w=lambda_w, lambda_b=lambda_b,
                               solver=solver,
-                              last_layer_solver=last_layer_solver),
+                              nonlinear_solver=nonlinear_solver,
+                              last_layer_solver=last_layer_solver,
+                              on_grad_mismatch=on_grad_mismatch),
       _with_weight_decay(weight_decay, weight_decay_mask,
                          optax.scale_by_learning_rate(learning_rate)))
 
@@ -133,8 +141,9 @@ def proxbp(
     *,
     tau_prox: jax.typing.ArrayLike = 0.05,
     momentum: float | None = 0.95,
-    solver: Any = 'exact',
+    solver: str | solvers.RidgeSolver = 'exact',
     outer: optax.GradientTransformation | None = None,
+    on_grad_mismatch: str = 'warn',
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -188,6 +197,8 @@ def proxbp(
       ``ε`` and early exit) or any :class:`sibp_jax.RidgeSolver`.
     outer: any optax transformation to use instead, e.g. ``optax.adam(1e-3)``
       as for the authors' ConvNet.
+    on_grad_mismatch: ``'warn'`` (default, once), ``'raise'`` or
+      ``'ignore'``, see :func:`scale_by_sibp`.
     weight_decay: ``wd``, coupled weight decay (>= 0, a scalar; added to
       the direction as ``wd · θ`` before ``outer``; default 0, none).
     weight_decay_mask: a tree of booleans like the parameters, or a
@@ -213,7 +224,8 @@ def proxbp(
     outer = optax.sgd(learning_rate, momentum=momentum,
                       nesterov=momentum is not None)
   return transform.skip_outer_on_bad_step(
-      transform.scale_by_proxbp(tau_prox, solver=solver),
+      transform.scale_by_proxbp(tau_prox, solver=solver,
+                                on_grad_mismatch=on_grad_mismatch),
       _with_weight_decay(weight_decay, weight_decay_mask, outer))
 
 

@@ -279,10 +279,12 @@ class Embed:
 
   row_shape = Dense.row_shape
 
-  def gram_diagonal(self, inputs, dtype):
-    """``diag(FᵀF)``: the count of each id among the rows, shape ``(V,)``."""
+  def gram_diagonal(self, inputs, dtype, row_weights=None):
+    """``diag(FᵀWF)``: the count of each id among the rows (each row
+    counting its weight), shape ``(V,)``."""
+    w = 1 if row_weights is None else row_weights.reshape(-1).astype(dtype)
     return jnp.zeros((self.num_embeddings,), dtype).at[
-        inputs.reshape(-1)].add(1)
+        inputs.reshape(-1)].add(w)
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     if (len(kernel_shape) != 2 or kernel_shape[0] != self.num_embeddings or

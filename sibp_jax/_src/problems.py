@@ -34,7 +34,6 @@ from sibp_jax._src import kinds
 PathKey = str | int
 Path = tuple[PathKey, ...]
 PRECISION = kinds.PRECISION
-Dense, Conv, unroll_loops = kinds.Dense, kinds.Conv, kinds.unroll_loops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ accumulation through the replayed model, one pass for all layers
 (:func:`_graph_sweep`); the paper variant, which fits through ``s_i``, is
 defined on chains only.
 
-The algorithms differ only in the rule:
+The algorithms differ only in the rule (``rules.py``):
 
 ============  ==========================================  ==============
 rule          subproblem                                  chain through
@@ -36,194 +36,17 @@ casts the result back.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sibp_jax._src import problems as problems_lib
-from sibp_jax._src import sharding
+from sibp_jax._src import rules as rules_lib
 from sibp_jax._src import solvers
 
-PRECISION = problems_lib.PRECISION
-
-
-class LayerUpdate(NamedTuple):
-  """A layer's change ``X_new - X_old``, as the solvers compute it.
-
-  Handing on the change rather than the new parameters keeps a step that is
-  tiny next to the weights (ProxBP at small ``τ_prox``, SIBP at large ``λ``)
-  free of the cancellation in ``X_old - X_new``.
-  """
-
-  kernel: jax.Array
-  bias: jax.Array | None
-  info: solvers.SolveInfo
-
-
-def _sum_info(*infos):
-  return solvers.SolveInfo(sum(i.iterations for i in infos),
-                           jnp.max(jnp.stack([i.residual for i in infos])),
-                           jnp.any(jnp.stack([jnp.asarray(i.fallback)
-                                              for i in infos])))
-
-
-def _ridge_update(solver, layer, kernel, bias, residual, lam_kernel,
-                  lam_bias) -> LayerUpdate:
-  """Kernel and bias jointly from the ridge problem with target ``g + R``."""
-  (dk, db), info = solver.solve(solvers.RidgeProblem(
-      layer.kind, layer.inputs, residual, kernel.shape,
-      None if bias is None else bias.shape, lam_kernel, lam_bias))
-  del kernel, bias
-  return LayerUpdate(dk, db, info)
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearizedRule:
-  """SIBP with exact solves (docs/algorithms.md section 2).
-
-  ``u - g = -η e_g``; ``X_new = X_old + (FᵀF + Λ)⁻¹ Fᵀ (u - g)`` with
-  ``Λ = diag(λ_W, …, λ_W, λ_b)``; the error chains through the new weights.
-  """
-
-  learning_rate: Any
-  lam_kernel: Any
-  lam_bias: Any
-  solver: Any
-  chain_new = True
-
-  def __call__(self, layer, kernel, bias, e_f, e_g):
-    del e_f
-    return _ridge_update(self.solver, layer, kernel, bias,
-                         -self.learning_rate * e_g, self.lam_kernel,
-                         self.lam_bias)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProxRule:
-  """ProxBP (docs/algorithms.md section 3).
-
-  ``τ - g = -δ = -e_g / B`` (the mean loss's backprop gradient, computed with
-  the old weights because the error chains through them), and
-  ``X_new = argmin ½‖F X - τ‖² + 1/(2τ_prox)‖X - X_old‖²``, i.e. the ridge
-  problem with ``Λ = I / τ_prox``.
-  """
-
-  tau_prox: Any
-  batch_size: int
-  solver: Any
-  chain_new = False
-
-  def __call__(self, layer, kernel, bias, e_f, e_g):
-    del e_f
-    lam = 1.0 / jnp.asarray(self.tau_prox, e_g.dtype)
-    return _ridge_update(self.solver, layer, kernel, bias,
-                         -e_g / self.batch_size, lam, lam)
-
-
-@dataclasses.dataclass(frozen=True)
-class PaperRule:
-  """SIBP as its authors run it (docs/algorithms.md section 1).
-
-  The target on the layer's activation is ``t = f_i - η e_f``. Weights are
-  solved first with the bias held at its old value, then the bias with the
-  new weights::
-
-      W ← argmin_W ‖s(A(f; W, b)) - t‖² + λ_W ‖W - W_old‖²
-      b ← argmin_b ‖s(A(f; W_new, b)) - t‖² + λ_b ‖b - b_old‖²
-
-  The last layer has no segment, so both are ridge problems, solved exactly
-  by ``last_solver`` (which also sidesteps the reference code's slip of
-  leaving the bias out of its first last-layer gradient). Hidden layers are
-  fitted through the segment by ``inner`` (:class:`NonlinearCG`), one line
-  search for the whole layer: the segment is an arbitrary parameter-free
-  function (pooling and flatten mix positions), so separability over output
-  units is not assumed. When the layer has fewer rows (examples, or
-  examples times positions) than kernel inputs, as a dense layer at a batch
-  smaller than its width, the kernel's iteration runs in row space
-  (:meth:`NonlinearCG.minimize_in_row_space`): the same iterates, with
-  ``B × B`` instead of ``B × d_in`` products, and the old pre-activation
-  taken from the forward pass.
-  """
-
-  learning_rate: Any
-  lam_kernel: Any
-  lam_bias: Any
-  inner: Any
-  last_solver: Any
-  chain_new = True
-
-  def __call__(self, layer, kernel, bias, e_f, e_g):
-    del e_g
-    eta = self.learning_rate
-    if layer.segment is None:
-      residual = -eta * e_f
-      (dk, _), info_k = self.last_solver.solve(solvers.RidgeProblem(
-          layer.kind, layer.inputs, residual, kernel.shape, None,
-          self.lam_kernel, self.lam_bias))
-      if bias is None:
-        return LayerUpdate(dk, None, info_k)
-      residual = residual - layer.kind.apply(dk, None, layer.inputs)
-      (_, db), info_b = self.last_solver.solve(solvers.RidgeProblem(
-          layer.kind, layer.inputs, residual, None, bias.shape,
-          self.lam_kernel, self.lam_bias))
-      return LayerUpdate(dk, db, _sum_info(info_k, info_b))
-
-    activation = layer.segment(layer.outputs)
-    target = activation - eta * e_f.astype(activation.dtype)
-
-    def misfit(pre_activation):
-      fit = layer.segment(pre_activation) - target
-      # A sum, not vdot: with the batch sharded it is a local sum and one
-      # scalar all-reduce (explicit sharding refuses a sharded contraction).
-      return jnp.sum(jnp.square(fit))
-
-    def proximal(delta, lam):
-      return lam * jnp.vdot(delta, delta)
-
-    def product(k):
-      return layer.kind.apply(k, None, layer.inputs)
-
-    # Both fits run in the change Δ from the old parameters (warm start
-    # Δ = 0), so that a step tiny next to the weights is not lost to
-    # cancellation in X_new - X_old.
-    n, m = layer.kind.sizes(kernel.shape, layer.outputs.shape)
-    if (n < m and self.inner.space == 'auto' and
-        not sharding.rows_sharded(layer.outputs)):
-      # Fewer rows than inputs (a dense layer at a batch smaller than its
-      # width): run the same iteration in row space (see
-      # NonlinearCG.minimize_in_row_space), where a step costs n × n
-      # products instead of products with the n × m input. The old
-      # pre-activation comes from the forward pass, not a second product.
-      design = layer.kind.design(layer.inputs, tuple(kernel.shape[:-2]))
-      gram = jnp.matmul(design, design.T, precision=PRECISION)
-      def fit_rows(v):
-        return misfit(layer.outputs + v.reshape(layer.outputs.shape))
-
-      coef, image, info_k = self.inner.minimize_in_row_space(
-          fit_rows, gram, self.lam_kernel,
-          jnp.zeros((n, kernel.size // m), kernel.dtype))
-      dk = jnp.matmul(design.T, coef,
-                      precision=PRECISION).reshape(kernel.shape)
-      image = image.reshape(layer.outputs.shape)
-    else:
-      # The kernel's fit sees it through the layer's linear map, which the
-      # solver applies once per iteration (not once per line-search
-      # trial); the bias's fit then reuses one product with the change.
-      dk, info_k = self.inner.minimize(
-          lambda y, d: misfit(layer.outputs + y) +
-          proximal(d, self.lam_kernel), jnp.zeros_like(kernel),
-          linear=product, unroll=problems_lib.unroll_loops(layer.kind))
-      image = None if bias is None else product(dk)
-    if bias is None:
-      return LayerUpdate(dk, None, info_k)
-    base = layer.outputs + image
-    db, info_b = self.inner.minimize(
-        lambda d: misfit(base + d) + proximal(d, self.lam_bias),
-        jnp.zeros_like(bias))
-    return LayerUpdate(dk, db, _sum_info(info_k, info_b))
+LayerUpdate = rules_lib.LayerUpdate
+Rule = rules_lib.LinearizedRule | rules_lib.PaperRule | rules_lib.ProxRule
 
 
 def _split_rule(rule):
@@ -262,10 +85,19 @@ def _zero_cotangent(x):
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _layer_op(layer, rebuild, chain_new):
+def _frozen_update(kernel, bias) -> LayerUpdate:
+  """A frozen layer's (zero) change: held at its weights, nothing solved."""
+  zero = lambda a: None if a is None else jnp.zeros_like(a)
+  return LayerUpdate(zero(kernel), zero(bias), solvers.SolveInfo(
+      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
+      jnp.asarray(solvers.SolveStatus.CONVERGED, jnp.int32)))
+
+
+def _layer_op(layer, rebuild, chain_new, frozen):
   """The custom-VJP stand-in for one linear layer in the graph replay.
 
-  ``op(f, inputs, outputs, kernel, bias, hyper, slot)`` returns the layer's
+  ``op(f, inputs, outputs, kernel, bias, weights, hyper, slot)`` returns
+  the layer's
   recorded output ``outputs`` (in the compute dtype). Its backward pass
   receives the error ``e_g`` accumulated over every consumer of the output,
   solves the layer's subproblem with the rule, and returns as cotangents:
@@ -273,45 +105,50 @@ def _layer_op(layer, rebuild, chain_new):
   input, ``A_iᵀ(e_g; θ_chain)``; for ``slot`` (a zero placeholder shaped
   like the update), the layer's :class:`LayerUpdate`; zeros for the rest.
   Every array the backward pass needs is an explicit input, so that nothing
-  traced by an outer ``jit`` or ``vmap`` is closed over; ``layer`` only
-  supplies its static description. The rule is called with ``e_f=None``:
-  on a graph the error on a layer's activation is not defined, and the
-  linearized and ProxBP rules do not use it.
+  traced by an outer ``jit`` or ``vmap`` is closed over (``weights`` are
+  the rows' weights, or ``None``); ``layer`` only supplies its static
+  description. The rule is called with ``e_f=None``: on a graph the error
+  on a layer's activation is not defined, and the linearized and ProxBP
+  rules do not use it. A ``frozen`` layer solves nothing and passes the
+  error through its weights.
   """
   static = dataclasses.replace(layer, inputs=None, outputs=None,
-                               segment=None)
+                               segment=None, params=None, row_weights=None)
 
   @jax.custom_vjp
-  def op(f, inputs, outputs, kernel, bias, hyper, slot):
-    del f, inputs, kernel, bias, hyper, slot
+  def op(f, inputs, outputs, kernel, bias, weights, hyper, slot):
+    del f, inputs, kernel, bias, weights, hyper, slot
     return outputs
 
-  def fwd(f, inputs, outputs, kernel, bias, hyper, slot):
+  def fwd(f, inputs, outputs, kernel, bias, weights, hyper, slot):
     del slot
-    return outputs, (f, inputs, outputs, kernel, bias, hyper)
+    return outputs, (f, inputs, outputs, kernel, bias, weights, hyper)
 
   def bwd(residuals, e_g):
-    f, inputs, outputs, kernel, bias, hyper = residuals
-    problem = dataclasses.replace(static, inputs=inputs, outputs=outputs)
+    f, inputs, outputs, kernel, bias, weights, hyper = residuals
+    problem = dataclasses.replace(static, inputs=inputs, outputs=outputs,
+                                  row_weights=weights)
     e_g = e_g.astype(kernel.dtype)
-    update = rebuild(hyper)(problem, kernel, bias, None, e_g)
+    update = (_frozen_update(kernel, bias) if frozen else
+              rebuild(hyper)(problem, kernel, bias, None, e_g))
     chain_kernel = kernel + update.kernel if chain_new else kernel
     _, pullback = jax.vjp(
         lambda f_: static.kind.apply(chain_kernel, None, f_), inputs)
     e_f = (_zero_cotangent(f) if jnp.issubdtype(f.dtype, jnp.integer) else
            pullback(e_g)[0].astype(f.dtype))
-    info = (update.info.iterations.astype(kernel.dtype),
-            update.info.residual.astype(kernel.dtype))
+    # The report travels as cotangents in the compute dtype: small
+    # integers (iterations, the status code) are exact there.
+    info = tuple(jnp.asarray(v).astype(kernel.dtype) for v in update.info)
     return (e_f, _zero_cotangent(inputs), _zero_cotangent(outputs),
             _zero_cotangent(kernel), _zero_cotangent(bias),
-            [_zero_cotangent(h) for h in hyper],
+            _zero_cotangent(weights), [_zero_cotangent(h) for h in hyper],
             (update.kernel, update.bias, info))
 
   op.defvjp(fwd, bwd)
   return op
 
 
-def _graph_sweep(problems, params, rule):
+def _graph_sweep(problems, params, rule, frozen):
   """The sweep over a general graph: one reverse pass through the model.
 
   The model is replayed once on the forward pass's input with every linear
@@ -331,9 +168,10 @@ def _graph_sweep(problems, params, rule):
         layer, inputs=_compute_dtype(layer.inputs, dtype),
         outputs=layer.outputs.astype(dtype)))
   hyper, rebuild = _split_rule(rule)
-  ops = [_layer_op(layer, rebuild, rule.chain_new) for layer in layers]
+  ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen)
+         for layer, is_frozen in zip(layers, frozen)]
   zero = lambda a: None if a is None else jnp.zeros_like(a)
-  slots = [(zero(k), zero(b), (jnp.zeros((), k.dtype), jnp.zeros((), k.dtype)))
+  slots = [(zero(k), zero(b), (jnp.zeros((), k.dtype),) * 3)
            for k, b in params]
   model_dtypes = [layer.outputs.dtype for layer in problems.layers]
 
@@ -343,8 +181,8 @@ def _graph_sweep(problems, params, rule):
     def hook(index, f):
       kernel, bias = params[index]
       layer = layers[index]
-      g = ops[index](f, layer.inputs, layer.outputs, kernel, bias, hyper,
-                     slots[index])
+      g = ops[index](f, layer.inputs, layer.outputs, kernel, bias,
+                     layer.row_weights, hyper, slots[index])
       if index == len(layers) - 1:
         top.append(g)
       return g.astype(model_dtypes[index])
@@ -358,11 +196,13 @@ def _graph_sweep(problems, params, rule):
   e = problems.output_error.astype(params[-1][0].dtype)
   (found,) = pullback(e)
   return [LayerUpdate(dk, db, solvers.SolveInfo(
-      its.astype(jnp.int32), res.astype(jnp.float32)))
-          for dk, db, (its, res) in found]
+      its.astype(jnp.int32), res.astype(jnp.float32),
+      status.astype(jnp.int32)))
+          for dk, db, (its, res, status) in found]
 
 
-def backward_sweep(problems: problems_lib.Problems, params, rule):
+def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
+                   frozen=None) -> list[LayerUpdate]:
   """Runs the semi-implicit backward sweep.
 
   From the last layer to the first, the error reaching layer ``i``'s output
@@ -385,12 +225,15 @@ def backward_sweep(problems: problems_lib.Problems, params, rule):
     params: ``(kernel, bias)`` per layer, input to output, in the compute
       dtype (``bias`` is ``None`` for a layer without one).
     rule: a :class:`LinearizedRule`, :class:`PaperRule` or :class:`ProxRule`.
+    frozen: a flag per layer (default none): a frozen layer's subproblem is
+      not solved, its change is zero and the error passes through its
+      ``params`` as they are.
 
   Returns:
     A list of :class:`LayerUpdate` (the changes of the parameters), input to
     output.
   """
-  if isinstance(rule, PaperRule):
+  if isinstance(rule, rules_lib.PaperRule):
     for layer in problems.layers[:-1]:
       if layer.segment is None:
         raise ValueError(
@@ -399,12 +242,13 @@ def backward_sweep(problems: problems_lib.Problems, params, rule):
             'the next layer alone (a residual connection or a branch): the '
             "paper variant needs a chain; use variant='linearized' on this "
             'model.')
-  elif problems.graph is not None:
-    return _graph_sweep(problems, params, rule)
-  return _chain_sweep(problems, params, rule)
+  frozen = tuple(frozen or (False,) * len(problems.layers))
+  if problems.graph is not None and not isinstance(rule, rules_lib.PaperRule):
+    return _graph_sweep(problems, params, rule, frozen)
+  return _chain_sweep(problems, params, rule, frozen)
 
 
-def _chain_sweep(problems, params, rule):
+def _chain_sweep(problems, params, rule, frozen):
   """The sweep down a chain through its segments."""
   layers = problems.layers
   e_f = problems.output_error
@@ -419,7 +263,8 @@ def _chain_sweep(problems, params, rule):
     e_f = e_f.astype(dtype)
     e_g = e_f if layer.segment is None else layer.segment.vjp(
         layer.outputs, e_f).astype(dtype)
-    updates[i] = rule(layer, kernel, bias, e_f, e_g)
+    updates[i] = (_frozen_update(kernel, bias) if frozen[i] else
+                  rule(layer, kernel, bias, e_f, e_g))
     if i:
       chain_kernel = kernel + updates[i].kernel if rule.chain_new else kernel
       _, pullback = jax.vjp(

@@ -1,29 +1,22 @@
 """SIBP and ProxBP as optax gradient transformations.
 
-Both transformations read the layer-wise problems of one forward pass from
-the keyword argument ``problems=`` of ``update`` (see
+Both read the layer-wise problems of one forward pass from the keyword
+argument ``problems=`` of ``update`` (see
 ``sibp_jax.nnx.value_grad_and_problems`` and
-``sibp_jax.linen.value_grad_and_problems``), run the shared backward sweep
-and return, for every parameter owned by a recognised linear layer, the
-direction ``X_old - X_new`` (divided by the learning rate for SIBP, so that
-``scale_by_learning_rate`` turns it back into the step). Parameters that no
-recognised layer owns get the incoming gradient unchanged.
-
-A step whose direction is not finite (NaN or Inf in the batch, the loss or a
-solve) returns zeros, sets ``state.info.finite`` to ``False`` and leaves
-``state.count`` (and so a schedule on the step size) where it was, as
-``optax.apply_if_finite`` leaves its inner state.
+``sibp_jax.linen.value_grad_and_problems``); their shared state, update and
+diagnostics live in ``layerwise.py``, the check of ``problems`` against the
+incoming gradient in ``mismatch.py``.
 
 The direction of a recognised layer comes from ``problems``, not from the
 incoming updates: a transformation chained BEFORE these ones does not act on
 those parameters. ``state.info.grad_mismatch`` compares the incoming
-gradient of the last layer's kernel with the one ``problems`` imply, which
-shows such a chain, or problems from another batch.
+gradient of the last layer's kernel with the one ``problems`` imply, and
+the transformation warns (once) when they disagree.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -31,69 +24,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sibp_jax._src import problems as problems_lib
+from sibp_jax._src import layerwise
+from sibp_jax._src import mismatch
+from sibp_jax._src import rules
 from sibp_jax._src import solvers
-from sibp_jax._src import sweep
 
 VARIANTS = ('linearized', 'paper')
 
 
-class LayerwiseInfo(NamedTuple):
-  """Diagnostics of the last step of SIBP or ProxBP, returned, not raised.
+class SkipOnBadStepState(NamedTuple):
+  """State of an outer optimizer that is held still on flagged steps.
 
   Attributes:
-    finite: ``False`` if the step was skipped because something was not
-      finite (the returned direction is then zero and ``count`` stays).
-    residual: the largest relative residual over the layers' subproblems
-      (:attr:`sibp_jax.SolveInfo.residual`): round-off for exact solves,
-      progress for iterative ones.
-    iterations: inner iterations summed over layers (CG steps, or objective
-      evaluations of the nonlinear solver).
-    grad_mismatch: ``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, with
-      ``g`` the incoming update and ``ĝ = f_{L-1}ᵀ e / B`` the mean loss's
-      gradient that ``problems`` imply (one product, the one the backward
-      pass already computed). Round-off (about 1e-6 in float32) when the
-      gradient and the problems come from the same forward pass; of order 1
-      when a transformation before this one changed the gradient (clipping,
-      scaling) or the problems come from another batch: the step still uses
-      ``problems`` alone. Also nonzero when the loss holds more than the
-      per-example term (a weight penalty on that kernel).
+    inner: the inner transformation's state.
+    outer: the outer optimizer's state, as it was after the last good step.
+    notfinite_count: skipped steps in a row, up to this one (0 after a good
+      step), as ``optax.apply_if_finite`` counts them.
+    total_notfinite: skipped steps in all.
   """
 
-  finite: jax.Array
-  residual: jax.Array
-  iterations: jax.Array
-  grad_mismatch: jax.Array
-
-
-# The name of earlier versions, for SIBP's state.
-SIBPInfo = LayerwiseInfo
-
-
-class ScaleBySIBPState(NamedTuple):
-  """State of :func:`scale_by_sibp`."""
-
-  count: jax.Array
-  info: LayerwiseInfo
-
-
-class ScaleByProxBPState(NamedTuple):
-  """State of :func:`scale_by_proxbp`."""
-
-  count: jax.Array
-  info: LayerwiseInfo
-
-
-class SkipOnBadStepState(NamedTuple):
-  """State of an outer optimizer that is held still on flagged steps."""
-
-  inner: Any
-  outer: Any
-
-
-def _empty_info() -> LayerwiseInfo:
-  return LayerwiseInfo(jnp.ones((), bool), jnp.zeros((), jnp.float32),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+  inner: optax.OptState
+  outer: optax.OptState
+  notfinite_count: jax.Array
+  total_notfinite: jax.Array
 
 
 def check_positive(name: str, value) -> None:
@@ -109,7 +62,7 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f'{name} must be a positive finite scalar, got {value!r}')
 
 
-def ridge_solver(solver) -> Any:
+def ridge_solver(solver: str | solvers.RidgeSolver) -> solvers.RidgeSolver:
   """``'exact'``, ``'cg'`` or a solver object to a solver object.
 
   Any object with a ``solve`` method serves (the
@@ -128,145 +81,6 @@ def ridge_solver(solver) -> Any:
                    f'sibp_jax.RidgeSolver), got {solver!r}')
 
 
-def _missing_problems(name):
-  return ValueError(
-      f'{name}.update needs the keyword argument problems=..., the layer-wise '
-      'problems of the forward pass that produced the gradients. Build both '
-      'with sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=...) or '
-      'sibp_jax.linen.value_grad_and_problems(module, params, x, y, '
-      'loss_fn=...) and call update(grads, state, params, problems=problems). '
-      'If you did pass problems= to apply_gradients of '
-      'flax.training.train_state.TrainState: that class hands extra keyword '
-      'arguments to .replace(), not to the optimizer; use '
-      'sibp_jax.linen.TrainState, whose apply_gradients(grads=..., '
-      'problems=...) passes them on.')
-
-
-def _param_path(key_path):
-  """A parameter's path, without the ``.value`` of a variable that holds it.
-
-  An ``nnx.State`` of ``nnx.Variable``s flattens to paths ending in the
-  attribute ``value``; a pure tree (``nnx.as_pure``) does not. Both name the
-  parameter as ``problems`` do.
-  """
-  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and (
-      key_path[-1].name == 'value'):
-    key_path = key_path[:-1]
-  return tuple(problems_lib.key_name(k) for k in key_path)
-
-
-def _locate(name, problems, grads, params):
-  """Flattens the trees and finds each layer's kernel and bias leaves."""
-  if params is None:
-    raise ValueError(f'{name}.update needs params (the current parameters).')
-  if not isinstance(problems, problems_lib.Problems):
-    raise ValueError(
-        f'{name}.update: problems= must be the sibp_jax.Problems returned by '
-        f'value_grad_and_problems, got {type(problems).__name__}.')
-  if not problems.layers:
-    raise ValueError(f'{name}.update: problems hold no linear layer.')
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  grad_leaves, grad_def = jax.tree.flatten(grads)
-  if grad_def != treedef:
-    raise ValueError(f'{name}.update: the gradient tree does not match the '
-                     f'parameter tree:\n{grad_def}\nvs\n{treedef}')
-  index = {_param_path(path): i for i, (path, _) in enumerate(flat)}
-  leaves = [leaf for _, leaf in flat]
-  batch = problems.batch_size
-  located = []
-  for layer in problems.layers:
-    found = []
-    for path in (layer.kernel_path, layer.bias_path):
-      if path is None:
-        found.append(None)
-        continue
-      if path not in index:
-        known = ', '.join(problems_lib.path_str(p) for p in index)
-        raise ValueError(
-            f'{name}.update: problems name the parameter '
-            f"'{problems_lib.path_str(path)}' (layer {layer.name}), which is "
-            'not in params; were the problems built from another model? '
-            f'params hold: {known}')
-      found.append(index[path])
-    k, b = found
-    if layer.inputs.shape[0] != batch or layer.outputs.shape[0] != batch:
-      raise ValueError(
-          f'{name}.update: layer {layer.name} holds inputs of batch '
-          f'{layer.inputs.shape[0]} but the output error has batch {batch}.')
-    layer.kind.check(layer.name, leaves[k].shape,
-                     None if b is None else leaves[b].shape,
-                     layer.inputs, layer.outputs)
-    located.append((k, b))
-  last = problems.layers[-1]
-  if problems.output_error.shape != last.outputs.shape:
-    raise ValueError(
-        f'{name}.update: the output error has shape '
-        f'{problems.output_error.shape} but the last layer ({last.name}) '
-        f'outputs {last.outputs.shape}; were the problems built from another '
-        'batch or model?')
-  return leaves, grad_leaves, treedef, located
-
-
-def _grad_mismatch(problems, grad, kernel):
-  """``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, ``ĝ = Aᵀ(e) / B``."""
-  layer = problems.layers[-1]
-  dtype = kernel.dtype
-  inputs = layer.inputs.astype(dtype)
-  error = problems.output_error.astype(dtype) / problems.batch_size
-  # ĝ is the transpose of the layer's map applied to e / B: f_{L-1}ᵀ e / B
-  # for a dense layer, one product.
-  implied = jax.linear_transpose(
-      lambda k: layer.kind.apply(k, None, inputs), kernel)(error)[0]
-  diff = grad.astype(dtype) - implied
-  return solvers.ratio(jnp.sqrt(jnp.sum(jnp.square(diff))),
-                       jnp.sqrt(jnp.sum(jnp.square(implied)))).astype(
-                           jnp.float32)
-
-
-def _layerwise(name, make_rule, scale_of):
-  """Builds ``update`` for a transformation defined by a sweep rule.
-
-  Args:
-    name: the transformation's name, for error messages.
-    make_rule: ``(count, batch_size) -> rule``.
-    scale_of: ``count -> s``; the direction is ``(X_old - X_new) / s``.
-  """
-
-  def update(updates, state, params=None, *, problems=None, **extra_args):
-    del extra_args
-    if problems is None:
-      raise _missing_problems(name)
-    leaves, grad_leaves, treedef, located = _locate(
-        name, problems, updates, params)
-    rule = make_rule(state.count, problems.batch_size)
-    compute = [
-        (leaves[k].astype(jnp.promote_types(leaves[k].dtype, jnp.float32)),
-         None if b is None else leaves[b].astype(
-             jnp.promote_types(leaves[k].dtype, jnp.float32)))
-        for k, b in located]
-    new = sweep.backward_sweep(problems, compute, rule)
-    scale = scale_of(state.count)
-    out = list(grad_leaves)
-    for (k, b), upd in zip(located, new):
-      out[k] = (-upd.kernel / scale).astype(leaves[k].dtype)
-      if b is not None:
-        out[b] = (-upd.bias / scale).astype(leaves[b].dtype)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in out]))
-    out = [jnp.where(finite, x, jnp.zeros_like(x)) for x in out]
-    info = LayerwiseInfo(
-        finite,
-        jnp.max(jnp.stack([u.info.residual for u in new])).astype(jnp.float32),
-        sum(u.info.iterations for u in new).astype(jnp.int32),
-        _grad_mismatch(problems, grad_leaves[located[-1][0]],
-                       compute[-1][0]))
-    # A skipped step leaves the count, and so a schedule, where it was.
-    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-    new_state = type(state)(count, info)
-    return jax.tree.unflatten(treedef, out), new_state
-
-  return update
-
-
 def _value_at(value, count):
   return value(count) if callable(value) else value
 
@@ -277,8 +91,10 @@ def scale_by_sibp(
     variant: str = 'linearized',
     lambda_w: jax.typing.ArrayLike = 1.0,
     lambda_b: jax.typing.ArrayLike = 1.0,
-    solver: Any = None,
-    last_layer_solver: Any = None,
+    solver: str | solvers.RidgeSolver | None = None,
+    nonlinear_solver: solvers.NonlinearCG | None = None,
+    last_layer_solver: str | solvers.RidgeSolver | None = None,
+    on_grad_mismatch: str = 'warn',
 ) -> optax.GradientTransformationExtraArgs:
   r"""The semi-implicit back propagation direction (Liu & Zhang, 2020).
 
@@ -326,21 +142,39 @@ def scale_by_sibp(
       default 1).
     lambda_b: ``λ_b``, proximal weight of the biases (> 0, absolute;
       default 1).
-    solver: the subproblem solver. For ``'linearized'``: ``'exact'``
-      (default), ``'cg'`` or a :class:`sibp_jax.Ridge` /
-      :class:`sibp_jax.ConjugateGradient`. For ``'paper'``: a
-      :class:`sibp_jax.NonlinearCG` (default ``NonlinearCG(iterations=5)``).
+    solver: ``'linearized'`` only: the ridge solver of every layer,
+      ``'exact'`` (default), ``'cg'``, a :class:`sibp_jax.Ridge` /
+      :class:`sibp_jax.ConjugateGradient` or any
+      :class:`sibp_jax.RidgeSolver`. (``solver=NonlinearCG(...)`` with
+      ``variant='paper'``, the earlier spelling, still works and warns a
+      ``DeprecationWarning``.)
+    nonlinear_solver: ``'paper'`` only: the fit of the hidden layers
+      through their activation, a :class:`sibp_jax.NonlinearCG` (default
+      ``NonlinearCG()``, the authors' 5 iterations).
     last_layer_solver: ``'paper'`` only: the exact solver of the last
       (linear) layer, a :class:`sibp_jax.Ridge` (default ``Ridge()``). Pass
       ``Ridge('cholesky')`` when the batch is sharded under automatic
-      (GSPMD) sharding, see :class:`sibp_jax.Ridge` (and, as ``solver``,
-      ``NonlinearCG(space='parameters')``).
+      (GSPMD) sharding, see :class:`sibp_jax.Ridge` (and, as
+      ``nonlinear_solver``, ``NonlinearCG(space='parameters')``).
+    on_grad_mismatch: what to do when the incoming gradient disagrees with
+      ``problems`` (:attr:`LayerwiseInfo.grad_mismatch` above 1e-2, 1e-1
+      for 16-bit gradients: stale problems, a transformation chained
+      before this one, or ``optax.MultiSteps``, whose final micro-step
+      hands on the averaged gradient with the last micro-batch's
+      problems): ``'warn'`` (default; a
+      ``sibp_jax.GradMismatchWarning``, once per transformation object),
+      ``'raise'`` (``sibp_jax.GradMismatchError``, which under ``jit``
+      surfaces as the runtime error of the step) or ``'ignore'`` (static).
+      The check is a host callback (``jax.debug.callback``) in the
+      compiled step; JAX's persistent compilation cache does not store
+      programs with one, so ``'ignore'`` is the setting for runs that
+      rely on that cache.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
     params, *, problems)`` needs ``params`` and the keyword ``problems``
     (other keyword arguments are ignored). The state is a
-    :class:`ScaleBySIBPState` with a :class:`LayerwiseInfo`.
+    :class:`LayerwiseState` with a :class:`LayerwiseInfo`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sibp_jax
@@ -367,41 +201,54 @@ def scale_by_sibp(
   check_positive('learning_rate', learning_rate)
   check_positive('lambda_w', lambda_w)
   check_positive('lambda_b', lambda_b)
-  if variant == 'linearized':
-    solver = ridge_solver('exact' if solver is None else solver)
-  else:
-    solver = solvers.NonlinearCG() if solver is None else solver
-    if not isinstance(solver, solvers.NonlinearCG):
-      raise ValueError("variant='paper' fits through the activation and "
-                       'needs solver=sibp_jax.NonlinearCG(...), got '
-                       f'{solver!r}')
   if variant == 'paper':
+    if isinstance(solver, solvers.NonlinearCG) and nonlinear_solver is None:
+      warnings.warn(
+          "scale_by_sibp(variant='paper', solver=NonlinearCG(...)) is "
+          'deprecated: pass nonlinear_solver=NonlinearCG(...).',
+          DeprecationWarning, stacklevel=3)
+      solver, nonlinear_solver = None, solver
+    if solver is not None:
+      raise ValueError(
+          "variant='paper' fits the hidden layers through the activation "
+          'with nonlinear_solver=sibp_jax.NonlinearCG(...) and the last '
+          'layer with last_layer_solver=...; solver= is for '
+          f"variant='linearized', got solver={solver!r}")
+    nonlinear_solver = (solvers.NonlinearCG() if nonlinear_solver is None
+                        else nonlinear_solver)
+    if not isinstance(nonlinear_solver, solvers.NonlinearCG):
+      raise ValueError('nonlinear_solver must be a sibp_jax.NonlinearCG, '
+                       f'got {nonlinear_solver!r}')
     last_layer_solver = ridge_solver(
         'exact' if last_layer_solver is None else last_layer_solver)
-  elif last_layer_solver is not None:
-    raise ValueError("last_layer_solver is for variant='paper' only; the "
-                     "linearized variant's solver= serves every layer.")
+  else:
+    solver = ridge_solver('exact' if solver is None else solver)
+    for name, value in (('nonlinear_solver', nonlinear_solver),
+                        ('last_layer_solver', last_layer_solver)):
+      if value is not None:
+        raise ValueError(f"{name} is for variant='paper' only; the "
+                         "linearized variant's solver= serves every layer.")
+  check = mismatch.make_check('scale_by_sibp', on_grad_mismatch)
 
-  def make_rule(count, batch_size):
-    del batch_size
+  def make_rule(count, loss_terms):
+    del loss_terms
     eta = _value_at(learning_rate, count)
     if variant == 'linearized':
-      return sweep.LinearizedRule(eta, lambda_w, lambda_b, solver)
-    return sweep.PaperRule(eta, lambda_w, lambda_b, solver, last_layer_solver)
-
-  def init(params):
-    del params
-    return ScaleBySIBPState(jnp.zeros((), jnp.int32), _empty_info())
+      return rules.LinearizedRule(eta, lambda_w, lambda_b, solver)
+    return rules.PaperRule(eta, lambda_w, lambda_b, nonlinear_solver,
+                           last_layer_solver)
 
   return optax.GradientTransformationExtraArgs(
-      init, _layerwise('scale_by_sibp', make_rule,
-                       lambda count: _value_at(learning_rate, count)))
+      layerwise.init_state, layerwise.layerwise_update(
+          'scale_by_sibp', make_rule,
+          lambda count: _value_at(learning_rate, count), check))
 
 
 def scale_by_proxbp(
     tau_prox: jax.typing.ArrayLike = 0.05,
     *,
-    solver: Any = 'exact',
+    solver: str | solvers.RidgeSolver = 'exact',
+    on_grad_mismatch: str = 'warn',
 ) -> optax.GradientTransformationExtraArgs:
   r"""The proximal backpropagation direction (Frerix et al., 2018).
 
@@ -426,11 +273,13 @@ def scale_by_proxbp(
     solver: ``'exact'`` (default), ``'cg'`` or a :class:`sibp_jax.Ridge` /
       :class:`sibp_jax.ConjugateGradient`; ``ConjugateGradient(3)`` is the
       authors' "prox_cg3".
+    on_grad_mismatch: ``'warn'`` (default), ``'raise'`` or ``'ignore'``,
+      see :func:`scale_by_sibp`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
     params, *, problems)`` needs ``params`` and the keyword ``problems``.
-    The state is a :class:`ScaleByProxBPState` with a :class:`LayerwiseInfo`.
+    The state is a :class:`LayerwiseState` with a :class:`LayerwiseInfo`.
 
   Example:
     >>> import optax, sibp_jax
@@ -442,17 +291,15 @@ def scale_by_proxbp(
   """
   check_positive('tau_prox', tau_prox)
   solver = ridge_solver(solver)
+  check = mismatch.make_check('scale_by_proxbp', on_grad_mismatch)
 
-  def make_rule(count, batch_size):
+  def make_rule(count, loss_terms):
     del count
-    return sweep.ProxRule(tau_prox, batch_size, solver)
-
-  def init(params):
-    del params
-    return ScaleByProxBPState(jnp.zeros((), jnp.int32), _empty_info())
+    return rules.ProxRule(tau_prox, loss_terms, solver)
 
   return optax.GradientTransformationExtraArgs(
-      init, _layerwise('scale_by_proxbp', make_rule, lambda count: 1.0))
+      layerwise.init_state, layerwise.layerwise_update(
+          'scale_by_proxbp', make_rule, lambda count: 1.0, check))
 
 
 def skip_outer_on_bad_step(
@@ -464,12 +311,18 @@ def skip_outer_on_bad_step(
   ``inner`` must keep a :class:`LayerwiseInfo` in ``state.info``. When its
   ``finite`` flag is ``False`` the update is zero and ``outer``'s state
   (momentum, moments, counters) is left as it was, so a bad batch moves no
-  parameter even through momentum.
+  parameter even through momentum. The state counts the skipped steps, in
+  a row (``notfinite_count``) and in all (``total_notfinite``), as
+  ``optax.apply_if_finite`` does.
   """
   outer = optax.with_extra_args_support(outer)
 
   def init(params):
-    return SkipOnBadStepState(inner.init(params), outer.init(params))
+    # Two arrays, not one twice: a donated state must not hold one buffer
+    # in two places.
+    return SkipOnBadStepState(inner.init(params), outer.init(params),
+                              jnp.zeros((), jnp.int32),
+                              jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, **extra_args):
     direction, inner_state = inner.update(updates, state.inner, params,
@@ -480,6 +333,10 @@ def skip_outer_on_bad_step(
     step = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), step)
     outer_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                                outer_state, state.outer)
-    return step, SkipOnBadStepState(inner_state, outer_state)
+    skipped = (~ok).astype(jnp.int32)
+    return step, SkipOnBadStepState(
+        inner_state, outer_state,
+        jnp.where(ok, 0, state.notfinite_count + 1).astype(jnp.int32),
+        state.total_notfinite + skipped)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,199 @@
+"""The per-layer rules of the backward sweep: what each algorithm solves.
+
+A rule receives one layer (its forward-pass input and output), its
+parameters and the error reaching it, and returns the layer's change as a
+:class:`LayerUpdate`, with its solver's :class:`sibp_jax.SolveInfo`. The
+rules are those of docs/algorithms.md: :class:`LinearizedRule` (section 2),
+:class:`PaperRule` (section 1) and :class:`ProxRule` (section 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sibp_jax._src import kinds
+from sibp_jax._src import sharding
+from sibp_jax._src import solvers
+
+PRECISION = kinds.PRECISION
+
+
+class LayerUpdate(NamedTuple):
+  """A layer's change ``X_new - X_old``, as the solvers compute it.
+
+  Handing on the change rather than the new parameters keeps a step that is
+  tiny next to the weights (ProxBP at small ``τ_prox``, SIBP at large ``λ``)
+  free of the cancellation in ``X_old - X_new``.
+  """
+
+  kernel: jax.Array
+  bias: jax.Array | None
+  info: solvers.SolveInfo
+
+
+def _ridge_update(solver: solvers.RidgeSolver, layer, kernel, bias,
+                  residual, lam_kernel, lam_bias) -> LayerUpdate:
+  """Kernel and bias jointly from the ridge problem with target ``g + R``."""
+  (dk, db), info = solver.solve(solvers.RidgeProblem.weighted(
+      layer.kind, layer.inputs, residual, kernel.shape,
+      None if bias is None else bias.shape, lam_kernel, lam_bias,
+      layer.row_weights))
+  del kernel, bias
+  return LayerUpdate(dk, db, info)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizedRule:
+  """SIBP with exact solves (docs/algorithms.md section 2).
+
+  ``u - g = -η e_g``; ``X_new = X_old + (FᵀF + Λ)⁻¹ Fᵀ (u - g)`` with
+  ``Λ = diag(λ_W, …, λ_W, λ_b)``; the error chains through the new weights.
+  """
+
+  learning_rate: jax.typing.ArrayLike
+  lam_kernel: jax.typing.ArrayLike
+  lam_bias: jax.typing.ArrayLike
+  solver: solvers.RidgeSolver
+  chain_new = True
+
+  def __call__(self, layer, kernel, bias, e_f, e_g):
+    del e_f
+    return _ridge_update(self.solver, layer, kernel, bias,
+                         -self.learning_rate * e_g, self.lam_kernel,
+                         self.lam_bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxRule:
+  """ProxBP (docs/algorithms.md section 3).
+
+  ``τ - g = -δ = -e_g / N`` (the mean loss's backprop gradient, computed
+  with the old weights because the error chains through them; ``N`` is
+  the number of loss terms, :attr:`sibp_jax.Problems.loss_terms`: the
+  batch size for one loss per example), and
+  ``X_new = argmin ½‖F X - τ‖² + 1/(2τ_prox)‖X - X_old‖²``, i.e. the ridge
+  problem with ``Λ = I / τ_prox``.
+  """
+
+  tau_prox: jax.typing.ArrayLike
+  loss_terms: jax.typing.ArrayLike
+  solver: solvers.RidgeSolver
+  chain_new = False
+
+  def __call__(self, layer, kernel, bias, e_f, e_g):
+    del e_f
+    lam = 1.0 / jnp.asarray(self.tau_prox, e_g.dtype)
+    return _ridge_update(self.solver, layer, kernel, bias,
+                         -e_g / jnp.asarray(self.loss_terms, e_g.dtype), lam,
+                         lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRule:
+  """SIBP as its authors run it (docs/algorithms.md section 1).
+
+  The target on the layer's activation is ``t = f_i - η e_f``. Weights are
+  solved first with the bias held at its old value, then the bias with the
+  new weights::
+
+      W ← argmin_W ‖s(A(f; W, b)) - t‖² + λ_W ‖W - W_old‖²
+      b ← argmin_b ‖s(A(f; W_new, b)) - t‖² + λ_b ‖b - b_old‖²
+
+  The last layer has no segment, so both are ridge problems, solved exactly
+  by ``last_solver`` (which also sidesteps the reference code's slip of
+  leaving the bias out of its first last-layer gradient). Hidden layers are
+  fitted through the segment by ``inner`` (:class:`NonlinearCG`), one line
+  search for the whole layer: the segment is an arbitrary parameter-free
+  function (pooling and flatten mix positions), so separability over output
+  units is not assumed. When the layer has fewer rows (examples, or
+  examples times positions) than kernel inputs, as a dense layer at a batch
+  smaller than its width, the kernel's iteration runs in row space
+  (:meth:`NonlinearCG.minimize_in_row_space`): the same iterates, with
+  ``B × B`` instead of ``B × d_in`` products, and the old pre-activation
+  taken from the forward pass.
+  """
+
+  learning_rate: jax.typing.ArrayLike
+  lam_kernel: jax.typing.ArrayLike
+  lam_bias: jax.typing.ArrayLike
+  inner: solvers.NonlinearCG
+  last_solver: solvers.RidgeSolver
+  chain_new = True
+
+  def __call__(self, layer, kernel, bias, e_f, e_g):
+    del e_g
+    eta = self.learning_rate
+    if layer.row_weights is not None:
+      raise ValueError(
+          "variant='paper' does not take weights= (masks): its fits through "
+          "the activations are unweighted; use variant='linearized'.")
+    if layer.segment is None:
+      residual = -eta * e_f
+      (dk, _), info_k = self.last_solver.solve(solvers.RidgeProblem(
+          layer.kind, layer.inputs, residual, kernel.shape, None,
+          self.lam_kernel, self.lam_bias))
+      if bias is None:
+        return LayerUpdate(dk, None, info_k)
+      residual = residual - layer.kind.apply(dk, None, layer.inputs)
+      (_, db), info_b = self.last_solver.solve(solvers.RidgeProblem(
+          layer.kind, layer.inputs, residual, None, bias.shape,
+          self.lam_kernel, self.lam_bias))
+      return LayerUpdate(dk, db, solvers.combine(info_k, info_b))
+
+    activation = layer.segment(layer.outputs)
+    target = activation - eta * e_f.astype(activation.dtype)
+
+    def misfit(pre_activation):
+      fit = layer.segment(pre_activation) - target
+      # A sum, not vdot: with the batch sharded it is a local sum and one
+      # scalar all-reduce (explicit sharding refuses a sharded contraction).
+      return jnp.sum(jnp.square(fit))
+
+    def proximal(delta, lam):
+      return lam * jnp.vdot(delta, delta)
+
+    def product(k):
+      return layer.kind.apply(k, None, layer.inputs)
+
+    # Both fits run in the change Δ from the old parameters (warm start
+    # Δ = 0), so that a step tiny next to the weights is not lost to
+    # cancellation in X_new - X_old.
+    n, m = layer.kind.sizes(kernel.shape, layer.outputs.shape)
+    if (n < m and self.inner.space == 'auto' and
+        not sharding.rows_sharded(layer.outputs)):
+      # Fewer rows than inputs (a dense layer at a batch smaller than its
+      # width): run the same iteration in row space (see
+      # NonlinearCG.minimize_in_row_space), where a step costs n × n
+      # products instead of products with the n × m input. The old
+      # pre-activation comes from the forward pass, not a second product.
+      design = layer.kind.design(layer.inputs, tuple(kernel.shape[:-2]))
+      gram = jnp.matmul(design, design.T, precision=PRECISION)
+      def fit_rows(v):
+        return misfit(layer.outputs + v.reshape(layer.outputs.shape))
+
+      coef, image, info_k = self.inner.minimize_in_row_space(
+          fit_rows, gram, self.lam_kernel,
+          jnp.zeros((n, kernel.size // m), kernel.dtype))
+      dk = jnp.matmul(design.T, coef,
+                      precision=PRECISION).reshape(kernel.shape)
+      image = image.reshape(layer.outputs.shape)
+    else:
+      # The kernel's fit sees it through the layer's linear map, which the
+      # solver applies once per iteration (not once per line-search
+      # trial); the bias's fit then reuses one product with the change.
+      dk, info_k = self.inner.minimize(
+          lambda y, d: misfit(layer.outputs + y) +
+          proximal(d, self.lam_kernel), jnp.zeros_like(kernel),
+          linear=product, unroll=kinds.unroll_loops(layer.kind))
+      image = None if bias is None else product(dk)
+    if bias is None:
+      return LayerUpdate(dk, None, info_k)
+    base = layer.outputs + image
+    db, info_b = self.inner.minimize(
+        lambda d: misfit(base + d) + proximal(d, self.lam_bias),
+        jnp.zeros_like(bias))
+    return LayerUpdate(dk, db, solvers.combine(info_k, info_b))
