@@ -312,15 +312,15 @@ def row_weights(weights, shape, what: str):
 
   Where ``shape`` begins with the weights' shape (per-example weights, or
   per-position weights for a layer applied at every position) they are
-  broadcast over the remaining axes. Where it begins with the batch axis
-  alone (a layer after pooling over positions, a per-example loss with
-  per-position weights), an example's weight is its largest: an example
-  with any position of positive weight is in the problem. Anything else is
-  a ``ValueError`` naming ``what``.
+  broadcast over the remaining axes. Where it has fewer axes than the
+  weights and begins with the batch axis (a layer after pooling over
+  positions, a per-example loss with per-position weights), an example's
+  weight is its largest: an example with any position of positive weight
+  is in the problem. Anything else is a ``ValueError`` naming ``what``.
   """
   shape = tuple(shape)
   if shape[:weights.ndim] != weights.shape:
-    if not shape or shape[0] != weights.shape[0]:
+    if len(shape) >= weights.ndim or not shape or shape[0] != weights.shape[0]:
       raise ValueError(
           f'{what}: weights of shape {weights.shape} do not fit rows of shape '
           f'{shape}: their leading axes must agree (the batch axis at least)')
