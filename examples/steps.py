@@ -35,13 +35,16 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
   """The pure step ``(state, x, y) -> (state, stats)``, for :func:`jit`.
 
   ``stats`` holds the batch's ``loss`` and ``accuracy`` (before the
-  update) and ``skipped``: whether SIBP / ProxBP flagged the step as not
-  finite and left the parameters as they were (first-order methods: never).
+  update), ``skipped``: whether SIBP / ProxBP flagged the step as not
+  finite and left the parameters as they were (first-order methods: never),
+  and ``unconverged``: how many layers' solves of the step ended
+  unconverged (:meth:`sibp_jax.SolveStatus.unconverged`).
   """
 
   def step(state, x, y):
     model, optimizer = nnx.merge(graphdef, state)
     skipped = jnp.zeros((), bool)
+    unconverged = jnp.zeros((), jnp.int32)
     if needs_problems:
       loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
           model, x, y, loss_fn=LOSS)
@@ -50,6 +53,9 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
       info = optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state),
                                        'info')
       skipped = ~info.finite
+      unconverged = sum(
+          sibp_jax.SolveStatus.unconverged(status).astype(jnp.int32)
+          for status in info.status.values())
     else:
       def mean_loss(model):
         logits = model(x)
@@ -59,7 +65,8 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
       optimizer.update(model, grads)
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
     return nnx.state((model, optimizer)), {
-        'loss': loss, 'accuracy': accuracy, 'skipped': skipped}
+        'loss': loss, 'accuracy': accuracy, 'skipped': skipped,
+        'unconverged': unconverged}
 
   return step
 

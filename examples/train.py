@@ -21,12 +21,15 @@ cumulative seconds in update steps alone (no compilation, no evaluation)::
   {"config": {...}, "data": {...}, "device": "...", "initial": {...},
    "history": [{"epoch", "train_loss", "train_accuracy", "val_loss",
                 "val_accuracy", "test_loss", "test_accuracy", "seconds",
-                "train_examples_per_second", "skipped_steps"}, ...]}
+                "train_examples_per_second", "skipped_steps",
+                "unconverged_solves"}, ...]}
 
 (``initial``: the same before the first step; non-finite values are
 ``null``; ``skipped_steps``: steps of the epoch that SIBP / ProxBP flagged
 as not finite and skipped, also shown in the progress bar, with a warning
-at the end of a run that had any). ``--checkpoint_dir DIR`` saves model
+at the end of a run that had any; ``unconverged_solves``: layer solves of
+the epoch that ended unconverged, an iterative solver at its iteration
+limit or a solve not finite). ``--checkpoint_dir DIR`` saves model
 and optimizer with orbax after every epoch; Ctrl-C saves after the step
 under way and exits with status 130 and the command that resumes;
 ``--resume`` continues at exactly the next step, bitwise equal to an
@@ -106,6 +109,8 @@ def _summary(entry: dict[str, Any]) -> str:
     parts.append(f'{entry["train_examples_per_second"]:.0f} ex/s')
   if entry.get('skipped_steps'):
     parts.append(f'{entry["skipped_steps"]} steps skipped (not finite)')
+  if entry.get('unconverged_solves'):
+    parts.append(f'{entry["unconverged_solves"]} solves not converged')
   return ' | '.join(parts)
 
 
@@ -122,6 +127,9 @@ class Position:
   # Steps of the next epoch so far that SIBP / ProxBP flagged as not
   # finite and skipped, one count per run.
   skipped: list[int] = dataclasses.field(default_factory=list)
+  # Layer solves of the next epoch so far that ended unconverged (CG at its
+  # iteration limit, not finite), one count per run.
+  unconverged: list[int] = dataclasses.field(default_factory=list)
 
   def add(self, stats: dict[str, Any], seconds: float) -> None:
     """Counts one more step of the epoch, with its ``stats``."""
@@ -130,12 +138,15 @@ class Position:
     self.acc_sum += float(jnp.mean(stats['accuracy']))
     flagged = np.atleast_1d(np.asarray(stats['skipped'], int))
     self.skipped = [int(v) for v in flagged + (self.skipped or 0)]
+    missed = np.atleast_1d(np.asarray(stats['unconverged'], int))
+    self.unconverged = [int(v) for v in missed + (self.unconverged or 0)]
 
   def postfix(self) -> dict[str, Any]:
     """The progress bar's running means of the epoch."""
     return dict(loss=f'{self.loss_sum / self.step:.4f}',
                 acc=f'{self.acc_sum / self.step:.4f}',
-                skipped=sum(self.skipped))
+                skipped=sum(self.skipped),
+                unconverged=sum(self.unconverged))
 
   def next_epoch(self) -> Position:
     return Position(self.epoch + 1, 0, self.seconds + self.epoch_seconds)
@@ -176,11 +187,13 @@ def new_records(config: Config, sizes, device: str, initial: list[dict]):
                    'device': device, 'sweep': records}
 
 
-def record_epoch(config: Config, records, entries, skipped) -> None:
+def record_epoch(config: Config, records, entries, at: Position) -> None:
   """Appends each run's entry of an epoch to its record, and prints it."""
   rates = config.sweep or (config.learning_rate,)
-  for lr, record, entry, flagged in zip(rates, records, entries, skipped):
-    entry['skipped_steps'] = int(flagged)
+  for i, (lr, record, entry) in enumerate(zip(rates, records, entries)):
+    entry['skipped_steps'] = at.skipped[i] if at.skipped else 0
+    entry['unconverged_solves'] = (at.unconverged[i] if at.unconverged
+                                   else 0)
     record['history'].append(entry)
     print((f'lr {lr:<8g} ' if config.sweep else '') + _summary(entry),
           flush=True)
@@ -338,11 +351,10 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
           bar.update()
         bar.close()
         speed = per_epoch * config.batch_size / at.epoch_seconds
-        skipped = at.skipped or [0] * len(records)
-        at = at.next_epoch()
+        done, at = at, at.next_epoch()
         record_epoch(config, records, evaluate(
             state, at.epoch, seconds=at.seconds,
-            train_examples_per_second=speed), skipped)
+            train_examples_per_second=speed), done)
         epochs_this_run += 1
         if config.metrics_out:
           checkpoints.write_json_atomic(config.metrics_out, metrics)

@@ -42,7 +42,8 @@ TINY = dict(dataset='mnist', mock_data=24, train_examples=8, batch_size=4,
             epochs=1, eval_batch_size=16, progress=False)
 HISTORY_KEYS = {'epoch', 'train_loss', 'train_accuracy', 'val_loss',
                 'val_accuracy', 'test_loss', 'test_accuracy', 'seconds',
-                'train_examples_per_second', 'skipped_steps'}
+                'train_examples_per_second', 'skipped_steps',
+                'unconverged_solves'}
 _LAYERWISE = {'sibp', 'sibp_paper', 'sibp_linearized', 'proxbp'}
 # Every optimizer trains paper_mlp; the papers' larger models train with
 # each layer-wise rule (linearized, paper, ProxBP) and with the
@@ -321,3 +322,13 @@ def test_schedule_free_is_evaluated_at_its_averaged_iterate(monkeypatch):
                       optimizers.dataclasses.replace(method, eval_params=spy))
   train.train_and_evaluate({**TINY, 'optimizer': 'schedule_free_adamw'})
   assert calls and set(calls) == {'ScheduleFreeState'}
+
+
+def test_unconverged_solves_are_counted_per_epoch():
+  # Three CG steps do not reach the 1e-2 tolerance on the first layer's
+  # problem (785 columns, 8 rows); the exact solve always converges.
+  tiny = {**TINY, 'batch_size': 8, 'optimizer': 'proxbp'}  # 1 step
+  cg = train.train_and_evaluate({**tiny, 'proxbp_solver': 'cg3'})
+  exact = train.train_and_evaluate(tiny)
+  assert 1 <= cg['history'][0]['unconverged_solves'] <= 2  # of 2 layers
+  assert exact['history'][0]['unconverged_solves'] == 0

@@ -281,3 +281,17 @@ def test_tied_embeddings_are_refused_by_name():
       r"layer 'Embed_0' are also used by its method 'attend'")):
     sibp_jax.linen.value_grad_and_problems(LinenTied(), params, ids, y,
                                            loss_fn=xent)
+
+
+def test_the_state_knows_every_registered_kernel_name():
+  # The transformations' state keeps one entry per layer from init on, by
+  # the kernel names of the layer registry: a kernel of another name would
+  # change the state's structure at the first step (one more compile).
+  from sibp_jax._src import flax_layers  # noqa: PLC0415
+  from sibp_jax._src import layerwise  # noqa: PLC0415
+  assert {t.kernel for t in flax_layers.LAYERS} <= set(
+      layerwise.KERNEL_NAMES)
+  model = Block(jnp.float32)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  names = set(sibp_jax.scale_by_sibp(0.1).init(params).info.status)
+  assert {'positions', 'attention/query', 'head'} <= names

@@ -301,8 +301,8 @@ def unroll_loops(kind) -> bool:
 
   True for convolutions: XLA:CPU runs the same convolutions far slower
   inside a loop body (the ProxBP-cg3 ConvNet step of
-  ``examples/benchmark.py --section step``: 65× Adam's time looped, 2.3×
-  unrolled). Dense layers keep their loops, which compile faster. The
-  iteration counts are static and small, and accelerators lose nothing.
+  ``examples/benchmark.py --section step``). Dense layers keep their
+  loops, which compile faster. The iteration counts are static and small,
+  and accelerators lose nothing.
   """
   return isinstance(kind, Conv)

@@ -35,11 +35,12 @@ class LayerwiseInfo(NamedTuple):
   The per-layer fields are dicts keyed by the layer's name
   (:attr:`sibp_jax.LayerProblem.name`: the path of the module that holds
   the kernel, e.g. ``'layers/0'``). ``init`` finds the layers in the
-  parameter tree (every parameter named ``kernel``, as Flax's linear
-  layers name it) so that the state keeps one structure from the first
-  step on; a layer of ``problems`` whose kernel is named otherwise joins
-  the dicts at the first update, and an entry no layer of ``problems``
-  names keeps its initial value (status ``CONVERGED``, no iterations).
+  parameter tree (every parameter named ``kernel`` or ``embedding``, as
+  Flax's layers name them) so that the state keeps one structure from the
+  first step on; a layer of ``problems`` whose kernel is named otherwise
+  joins the dicts at the first update, and an entry no layer of
+  ``problems`` names keeps its initial value (status ``CONVERGED``, no
+  iterations).
 
   Attributes:
     finite: ``False`` if the step was skipped because something was not
@@ -54,7 +55,7 @@ class LayerwiseInfo(NamedTuple):
       solve (:attr:`sibp_jax.SolveInfo.residual`): round-off for exact
       solves, progress for iterative ones.
     grad_mismatch: ``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, with
-      ``g`` the incoming update and ``ĝ = f_{L-1}ᵀ e / B`` the mean loss's
+      ``g`` the incoming update and ``ĝ = f_{L-1}ᵀ e / N`` the mean loss's
       gradient that ``problems`` imply (one product, the one the backward
       pass already computed). Round-off (about 1e-7 in float32) when the
       gradient and the problems come from the same forward pass; of order 1
@@ -97,13 +98,19 @@ class LayerwiseState(NamedTuple):
   info: LayerwiseInfo
 
 
+# The kernels' names in the Flax layer registry (``flax_layers.LAYERS``;
+# tests/test_transformer.py keeps the two in step).
+KERNEL_NAMES = ('kernel', 'embedding')
+
+
 def layer_names(params) -> list[str]:
   """The names of the layers in a parameter tree: the paths of the parents
-  of parameters named ``kernel``, as :attr:`LayerProblem.name` spells them."""
+  of parameters named as kernels (:data:`KERNEL_NAMES`), as
+  :attr:`LayerProblem.name` spells them."""
   names = []
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = _param_path(path)
-    if path and path[-1] == 'kernel':
+    if path and path[-1] in KERNEL_NAMES:
       names.append(problems_lib.path_str(path[:-1]) or '<root>')
   return names
 

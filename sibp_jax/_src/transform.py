@@ -123,12 +123,10 @@ def scale_by_sibp(
   (:class:`sibp_jax.NonlinearCG`, docs/algorithms.md section 1). The last
   layer, being linear, is solved exactly by default, where the authors run
   the same 5 iterations from a first trial ``α₀ = 1``. The linearized
-  variant is the default because it lowers the loss faster per epoch and
-  per second: one epoch of Fashion-MNIST on the paper's 784-500-10 network
-  at batch 100 took the training loss from 2.38 to 0.338 in 3.1 s of
-  updates (linearized) against 0.371 in 6.7 s (paper), measured by
-  ``OPENBLAS_NUM_THREADS=1 python examples/benchmark.py --section epoch``
-  on 2 shared CPU cores.
+  variant is the default: it lowers the loss faster per epoch and per
+  second (the one-epoch table of docs/performance.md). :func:`sibp_jax.sibp`
+  is this direction scaled by the learning rate, and its docstring the
+  place for usage.
 
   The returned direction is ``(X_old - X_new) / η`` for every parameter of a
   recognised linear layer, so that scaling by ``-η`` gives the SIBP step; all

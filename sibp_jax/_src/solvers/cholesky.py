@@ -195,10 +195,8 @@ def spd_solve(a, b):
   no LAPACK call at all. jaxlib's own solve (:func:`_lapack_spd_solve`)
   makes triangular-solve calls that wake OpenBLAS's worker threads, which
   then spin-wait and slow every operation after them when the cores are
-  shared: a ``paper_mlp`` step of :func:`sibp_jax.sibp` took 1.51× Adam's
-  time that way against 1.30× with ``OPENBLAS_NUM_THREADS=1``
-  (``examples/benchmark.py --section step``). Accelerators keep their
-  native solvers.
+  shared (docs/performance.md, "Where the time goes"). Accelerators keep
+  their native solvers.
   """
   if a.shape[0] > _CPU_SOLVE_MAX:
     return _lapack_spd_solve(a, b)
