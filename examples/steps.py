@@ -38,7 +38,7 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
   update), ``skipped``: whether SIBP / ProxBP flagged the step as not
   finite and left the parameters as they were (first-order methods: never),
   and ``unconverged``: how many layers' solves of the step ended
-  unconverged (:meth:`sibp_jax.SolveStatus.unconverged`).
+  unconverged (:meth:`sibp_jax.LayerwiseInfo.unconverged`).
   """
 
   def step(state, x, y):
@@ -53,9 +53,7 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
       info = optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state),
                                        'info')
       skipped = ~info.finite
-      unconverged = sum(
-          sibp_jax.SolveStatus.unconverged(status).astype(jnp.int32)
-          for status in info.status.values())
+      unconverged = info.unconverged()
     else:
       def mean_loss(model):
         logits = model(x)
