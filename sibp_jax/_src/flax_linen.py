@@ -15,6 +15,7 @@ from flax.training import train_state
 
 from sibp_jax._src import capture
 from sibp_jax._src import flax_layers
+from sibp_jax._src import forward as forward_lib
 from sibp_jax._src import problems as problems_lib
 
 
@@ -213,7 +214,8 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
     >>> params = optax.apply_updates(params, updates)
   """
   flax_layers.check_unsolved(unsolved)
-  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn, weights)
+  forward = forward_lib.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn,
+                                weights)
   as_variables = _is_variables(params)
   if as_variables:
     state = {k: v for k, v in params.items() if k != 'params'}

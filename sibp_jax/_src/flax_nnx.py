@@ -12,6 +12,7 @@ from flax import nnx
 
 from sibp_jax._src import capture
 from sibp_jax._src import flax_layers
+from sibp_jax._src import forward as forward_lib
 from sibp_jax._src import problems as problems_lib
 
 # The unpatched methods, taken once: nested interception must never call an
@@ -170,7 +171,8 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
     [(5, 4), (5, 8)]
   """
   flax_layers.check_unsolved(unsolved)
-  forward = capture.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn, weights)
+  forward = forward_lib.Forward(jnp.asarray(x), jnp.asarray(y), loss_fn,
+                                weights)
   # The sweep replays the model from the state the forward pass started
   # from: the same random state draws the same dropout mask, and what the
   # replay changes (BatchStat, RngCount) is discarded with its copy. The

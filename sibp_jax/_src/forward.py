@@ -1,0 +1,134 @@
+"""One recorded forward pass and its loss: what both Flax adapters share.
+
+:class:`Forward` runs the model under an adapter's interception with a
+recording :class:`~sibp_jax._src.capture.Tape`, computes the mean loss
+(per example or per token, weighted by the user's ``weights``) and turns
+the records into :class:`sibp_jax.Problems` with
+:func:`~sibp_jax._src.capture.build_problems`. Nothing here imports Flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sibp_jax._src import capture
+
+Path = capture.Path
+
+
+def check_batch(x, y, logits=None, losses=None) -> None:
+  """Clear errors for inputs, labels and losses that do not line up."""
+  if jnp.ndim(x) == 0:
+    raise ValueError('x must have a leading batch axis, got a scalar.')
+  batch = jnp.shape(x)[0]
+  if batch == 0:
+    raise ValueError('x holds an empty batch (leading axis 0).')
+  if jnp.ndim(y) == 0 or jnp.shape(y)[0] != batch:
+    raise ValueError(f'labels y have shape {jnp.shape(y)} but x has batch '
+                     f'{batch}: the leading axes must agree.')
+  if losses is not None and jnp.shape(losses)[:1] != (batch,):
+    raise ValueError(
+        f'loss_fn(logits, labels) must return one loss per example, shape '
+        f'({batch},), or per position, shape ({batch}, ...); got '
+        f'{jnp.shape(losses)}. Use an unreduced loss such as '
+        'optax.softmax_cross_entropy_with_integer_labels.')
+
+
+def output_error(loss_fn, logits, y, loss, weights=None):
+  """``e = ∂ℓ/∂z`` per loss term (the gradient of the weighted sum ``Σ w ℓ``).
+
+  The error is made NaN, so that the transformation flags and skips the
+  step, when the batch cannot be trusted: the mean ``loss`` is not finite
+  (an infinite loss can have a finite gradient), or integer labels with one
+  axis fewer than the logits (class indices) fall outside
+  ``[0, classes)`` where their weight is not 0, where optax's integer-label
+  losses return a finite but meaningless value.
+  """
+  w = 1.0 if weights is None else weights
+  e = jax.grad(lambda z: jnp.sum(w * loss_fn(z, y)))(logits)
+  valid = jnp.isfinite(loss)
+  if (jnp.issubdtype(jnp.result_type(y), jnp.integer) and
+      jnp.ndim(logits) == jnp.ndim(y) + 1):
+    valid &= jnp.all((y >= 0) & (y < jnp.shape(logits)[-1]) |
+                     (jnp.asarray(w) == 0))
+  return jnp.where(valid, e, jnp.nan)
+
+
+class Forward:
+  """One recorded forward pass, shared by the Flax adapters.
+
+  ``loss(run)`` is the mean loss of the logits of ``run()`` (which applies
+  the model to ``x`` under the adapter's interception and returns
+  ``(logits, extra)``), returning the layers' inputs, outputs and
+  parameters and ``extra`` (e.g. updated collections) as auxiliary values
+  so that they leave the gradient transform as plain arrays;
+  ``problems(...)`` then assembles :class:`Problems`.
+
+  The mean loss is ``J = Σ w ℓ / Σ w`` over every loss term (one per
+  example, or per position for a per-token loss), with ``w`` the
+  ``weights`` (see :func:`row_weights`) or ones.
+  """
+
+  def __init__(self, x, y, loss_fn, weights=None):
+    self.x, self.y, self.loss_fn = x, y, loss_fn
+    check_batch(x, y)
+    if weights is not None:
+      weights = jnp.asarray(weights)
+      if (weights.ndim == 0 or weights.shape[0] != x.shape[0] or
+          not jnp.issubdtype(weights.dtype, jnp.inexact) and
+          weights.dtype != jnp.bool_):
+        raise ValueError(
+            f'weights must be an array of floats or booleans with the '
+            f'batch ({x.shape[0]}) as its leading axis, got '
+            f'{weights.dtype}{list(weights.shape)}')
+      weights = weights.astype(jnp.result_type(float))
+    self.weights = weights
+    self.records: list[capture.Record] = []
+    self.modules: dict[Path, type] = {}  # see Tape.modules
+    self.is_last = False
+    self.loss_shape = ()
+
+  def loss(self, run):
+    tape = capture.Tape()
+    with tape.active():
+      logits, extra = run()
+    losses = self.loss_fn(logits, self.y)
+    check_batch(self.x, self.y, logits, losses)
+    self.records = tape.records
+    self.modules = {**self.modules, **tape.modules}
+    self.is_last = bool(tape.records) and logits is tape.records[-1].outputs
+    self.loss_shape = losses.shape
+    if self.weights is None:
+      terms = losses.size
+      loss = jnp.mean(losses)
+    else:
+      w = capture.row_weights(self.weights, losses.shape, 'the loss')
+      terms = jnp.sum(w)
+      # 0 / 0 (every weight 0) makes the step NaN: it is flagged, skipped.
+      loss = jnp.sum(w * losses) / terms
+    return loss, ([r.inputs for r in tape.records],
+                  [r.outputs for r in tape.records],
+                  [r.params for r in tape.records], terms, extra)
+
+  def owned(self) -> set[Path]:
+    """The paths of the recorded layers' parameters (without a prefix)."""
+    return {r.path + (name,) for r in self.records for name in r.names
+            if name is not None}
+
+  def problems(self, loss, aux, *, runner, data, prefix: Path = (),
+               check: bool = True):
+    inputs, outputs, params, terms, _ = aux
+    records = [dataclasses.replace(r, inputs=i, outputs=o, params=p)
+               for r, i, o, p in zip(self.records, inputs, outputs, params)]
+    logits = records[-1].outputs if records and self.is_last else None
+    weights = None if self.weights is None else capture.row_weights(
+        self.weights, self.loss_shape, 'the loss')
+    error = (None if logits is None else
+             output_error(self.loss_fn, logits, self.y, loss, weights))
+    return capture.build_problems(
+        records, error, logits, runner=runner, data=data, x=self.x,
+        prefix=prefix, check=check, weights=self.weights,
+        loss_terms=jnp.asarray(terms, jnp.float32))
