@@ -13,6 +13,7 @@ from flax import nnx
 
 import sibp_jax
 
+from _models import nnx_step
 from _models import xent
 
 
@@ -191,14 +192,7 @@ def test_transformer_block_trains_with_sibp():
   model = Block(jnp.float32)
   x, y = _tokens(jnp.float32, batch=12)
   opt = nnx.Optimizer(model, sibp_jax.sibp(0.3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, x, y):
-    loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, x, y, loss_fn=xent)
-    opt.update(model, grads, problems=problems)
-    return loss
-
+  step = nnx_step(xent)
   losses = [float(step(model, opt, x, y)) for _ in range(15)]
   assert losses[-1] < 0.5 * losses[0], losses
   info = optax.tree_utils.tree_get(nnx.as_pure(opt.opt_state), 'info')

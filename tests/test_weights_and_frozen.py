@@ -13,6 +13,7 @@ import sibp_jax
 
 from _models import MLP
 from _models import classification
+from _models import nnx_step
 from _models import pure
 from _models import step_inputs
 from _models import xent
@@ -139,14 +140,7 @@ def test_nnx_optimizer_wrt_filter_freezes_a_layer():
   frozen = pure(nnx.state(model.layers[0], nnx.Param))
   trained = nnx.All(nnx.Param, nnx.PathContains(1))
   opt = nnx.Optimizer(model, sibp_jax.sibp(0.3), wrt=trained)
-
-  @nnx.jit
-  def step(model, opt, x, y):
-    loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, x, y, loss_fn=xent)
-    opt.update(model, grads, problems=problems)
-    return loss
-
+  step = nnx_step(xent)
   losses = [float(step(model, opt, x, y)) for _ in range(10)]
   assert losses[-1] < losses[0]
   chex.assert_trees_all_equal(pure(nnx.state(model.layers[0], nnx.Param)),
