@@ -329,13 +329,15 @@ def test_optax_only_uses_are_unaffected():
 
 
 def test_unsolved_kernels_are_named():
-  # An Einsum, a LoRA adapter, a custom module's own kernel: the error
-  # names every parameter no layer solves and the module holding it.
+  # An Einsum that is no dense map of its input, a LoRA adapter, a custom
+  # module's own kernel: the error names the layer or every parameter no
+  # layer solves and the module holding it.
   loss_fn = optax.softmax_cross_entropy_with_integer_labels
   x, y = jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32)
   model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
-                         nnx.Einsum('bi,ij->bj', (8, 3), rngs=nnx.Rngs(1)))
-  with pytest.raises(ValueError, match=r"'layers/2/kernel' \(Einsum\)"):
+                         nnx.Einsum('bi,ji->bj', (3, 8), rngs=nnx.Rngs(1)))
+  with pytest.raises(ValueError, match=(
+      r"layer 'layers/2': einsum 'bi,ji->bj' is not a dense map")):
     sibp_jax.nnx.value_grad_and_problems(model, x, y, loss_fn=loss_fn)
   model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
                          nnx.LoRALinear(8, 3, lora_rank=2, rngs=nnx.Rngs(1)))
@@ -346,10 +348,11 @@ def test_unsolved_kernels_are_named():
   class WithEinsum(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return nn.Einsum((8, 3), 'bi,ij->bj')(nn.relu(nn.Dense(8)(x)))
+      return nn.Einsum((3, 8), 'bi,ji->bj')(nn.relu(nn.Dense(8)(x)))
 
   params = WithEinsum().init(jax.random.key(0), x)['params']
-  with pytest.raises(ValueError, match=r"'Einsum_0/kernel' \(Einsum\)"):
+  with pytest.raises(ValueError, match=(
+      r"layer 'Einsum_0': einsum 'bi,ji->bj' is not a dense map")):
     sibp_jax.linen.value_grad_and_problems(WithEinsum(), params, x, y,
                                            loss_fn=loss_fn)
 
@@ -369,14 +372,22 @@ def test_unsolved_kernels_are_named():
 
 
 def test_opted_in_unsolved_kernels_take_the_backprop_gradient():
-  # With unsolved='gradient' an Einsum's kernel takes exactly the incoming
-  # gradient (ProxBP hands it on as it is), while the recognised layers
-  # take their proximal step: tau * gradient to first order, which for a
-  # small tau is far from the gradient itself.
+  # With unsolved='gradient' a custom module's kernel takes exactly the
+  # incoming gradient (ProxBP hands it on as it is), while the recognised
+  # layers take their proximal step: tau * gradient to first order, which
+  # for a small tau is far from the gradient itself.
+  class Mix(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.asarray(
+          np.random.default_rng(1).normal(size=(4, 4)), jnp.float32))
+
+    def __call__(self, x):
+      return jnp.einsum('btd,de->bte', x, self.w[...])
+
   class Attend(nnx.Module):
     def __init__(self):
       self.embed = nnx.Linear(4, 4, rngs=nnx.Rngs(2))
-      self.mix = nnx.Einsum('btd,de->bte', (4, 4), rngs=nnx.Rngs(0))
+      self.mix = Mix()
       self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
 
     def __call__(self, x):

@@ -306,3 +306,59 @@ def test_vmap_over_seeds_equals_separate_runs():
   batched = jax.jit(jax.vmap(run))(jax.tree.map(
       lambda *a: jnp.stack(a), *params))
   _assert_same_runs(batched, [run(p) for p in params])
+
+
+@pytest.mark.usefixtures('x64')
+def test_einsum_is_the_general_dense_layer_it_spells():
+  """An nnx.Einsum 'btd,dnh->btnh' (with bias) is solved as the
+  LinearGeneral with the same kernel: the same problems and directions;
+  einsums that are no dense map of their input, or a call that passes its
+  own einsum_str, are refused by name."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(6, 5, 4)))
+  y = jnp.arange(6) % 3
+
+  class Heads(nnx.Module):
+    def __init__(self, einsum):
+      kw = dict(param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+      if einsum:
+        self.proj = nnx.Einsum('btd,dnh->btnh', (4, 2, 3), (2, 3), **kw)
+      else:
+        self.proj = nnx.LinearGeneral(4, (2, 3), **kw)
+      self.head = nnx.Linear(6, 3, param_dtype=jnp.float64,
+                             rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      h = jax.nn.relu(self.proj(x)).mean(axis=1)
+      return self.head(h.reshape(h.shape[0], -1))
+
+  kernel = jnp.asarray(rng.normal(size=(4, 2, 3)))
+  out = []
+  for einsum in (True, False):
+    model = Heads(einsum)
+    model.proj.kernel[...] = kernel
+    out.append(_directions_of(model, x, y))
+  chex.assert_trees_all_close(out[0], out[1], rtol=1e-10, atol=1e-12)
+
+  for spec in ('btd,ndh->btnh', 'btd,dnh->bnh', 'btd,bdh->bth'):
+    model = Heads(True)
+    model.proj.einsum_str = spec
+    with pytest.raises(ValueError, match=f"einsum '{spec}' is not a dense"):
+      _directions_of(model, x, y)
+
+  class OwnString(Heads):
+    def __call__(self, x):
+      h = jax.nn.relu(self.proj(x, einsum_str='btd,dnh->btnh'))
+      return self.head(h.mean(axis=1).reshape(x.shape[0], -1))
+
+  with pytest.raises(ValueError, match="'proj': called with einsum_str"):
+    _directions_of(OwnString(True), x, y)
+
+
+def _directions_of(model, x, y):
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=xent)
+  grads = nnx.as_pure(grads)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = sibp_jax.scale_by_sibp(0.5)
+  return tx.update(grads, tx.init(params), params, problems=problems)[0]

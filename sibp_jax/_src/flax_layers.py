@@ -45,6 +45,9 @@ class LayerType:
       embedding's ``attend``, the tied output projection): a call of one
       while the forward pass is recorded is refused, since the layer's
       problem would miss that use.
+    fixed: call arguments that would change the map from the one the
+      module's attributes describe (an ``Einsum``'s ``einsum_str``): a call
+      that passes one is refused.
   """
 
   nnx: tuple[type, ...]
@@ -53,11 +56,22 @@ class LayerType:
   bias: str | None
   describe: Callable[[object, str, Sequence[int]], Hashable]
   also: tuple[str, ...] = ()
+  fixed: tuple[str, ...] = ()
 
   def names(self, module) -> tuple[str, str | None]:
     """The kernel's and the bias's names (``None``: no bias in ``module``)."""
-    with_bias = self.bias is not None and getattr(module, 'use_bias', True)
+    with_bias = (self.bias is not None and getattr(module, 'use_bias', True)
+                 and getattr(module, self.bias, True) is not None)
     return self.kernel, self.bias if with_bias else None
+
+  def check_call(self, name: str, args, kwargs) -> None:
+    """Refuses a call that passes one of the :attr:`fixed` arguments."""
+    given = [k for k in self.fixed if kwargs.get(k) is not None]
+    if self.fixed and (args or given):
+      raise ValueError(
+          f"layer '{name}': called with {', '.join(given) or 'arguments'} "
+          f'that change its map; set {", ".join(self.fixed)} on the module '
+          'so that sibp_jax reads the map the call applies.')
 
 
 def _per_axis(value, nd: int, what: str, name: str) -> tuple[int, ...]:
@@ -144,6 +158,44 @@ def _embed(module, name, input_shape):
   return kinds.Embed(module.num_embeddings)
 
 
+def _einsum(module, name: str, input_shape: Sequence[int]):
+  """The :class:`sibp_jax.DenseGeneral` of an ``Einsum`` whose string is a
+  general dense map: ``'<input>,<kernel>-><output>'`` where the kernel's
+  letters are the contracted input letters then the feature letters, and
+  the output is the other input letters, in order, then the features (a
+  leading ``...`` in input and output allowed), e.g. ``'btd,dnh->btnh'``.
+  """
+  spec = (module.einsum_str or '').replace(' ', '')
+  refuse = ValueError(
+      f"layer '{name}': einsum {spec!r} is not a dense map of the input that "
+      "sibp_jax solves (input letters, then kernel letters = contracted "
+      "input letters + feature letters, output = the other input letters + "
+      "the features, e.g. 'btd,dnh->btnh')")
+  if spec.count('->') != 1 or spec.count(',') != 1:
+    raise refuse
+  operands, output = spec.split('->')
+  inputs, kernel = operands.split(',')
+  if inputs.startswith('...') != output.startswith('...') or (
+      '...' in kernel):
+    raise refuse
+  if inputs.startswith('...'):
+    extra = len(input_shape) - len(inputs) + 3
+    letters = ''.join(chr(0x100 + i) for i in range(max(extra, 0)))
+    inputs, output = letters + inputs[3:], letters + output[3:]
+  if '.' in inputs + output or len(inputs) != len(input_shape) or len(
+      set(inputs)) != len(inputs) or len(set(kernel)) != len(kernel):
+    raise refuse
+  contracted = [c for c in kernel if c in inputs]
+  features = kernel[len(contracted):]
+  kept = [c for c in inputs if c not in contracted]
+  if (kernel[:len(contracted)] != ''.join(contracted) or not features or
+      any(c in inputs or c in contracted for c in features) or
+      output != ''.join(kept) + features or inputs[0] in contracted):
+    raise refuse
+  return kinds.DenseGeneral(tuple(inputs.index(c) for c in contracted),
+                            len(features))
+
+
 LAYERS: tuple[LayerType, ...] = (
     LayerType((nnx.Linear,), (nn.Dense,), 'kernel', 'bias', _dense),
     LayerType((nnx.Conv,), (nn.Conv,), 'kernel', 'bias', _conv),
@@ -151,6 +203,8 @@ LAYERS: tuple[LayerType, ...] = (
               _dense_general),
     LayerType((nnx.Embed,), (nn.Embed,), 'embedding', None, _embed,
               also=('attend',)),
+    LayerType((nnx.Einsum,), (nn.Einsum,), 'kernel', 'bias', _einsum,
+              fixed=('einsum_str',)),
 )
 
 # Modules whose parameters no layer owns by design (held at their values in

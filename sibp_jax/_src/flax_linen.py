@@ -32,6 +32,7 @@ def _interceptor(next_fun, args, kwargs, context):
   if context.method_name != '__call__' or entry is None:
     return next_fun(*args, **kwargs)
   name = problems_lib.path_str(path)
+  entry.check_call(name, args[1:], kwargs)
   inputs = args[0]
   names = entry.names(module)
   return tape.visit(
@@ -120,9 +121,10 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``module.apply(variables, x, *args, rngs=rngs, mutable=mutable,
-  **kwargs)`` once, recording the input and output of every ``nn.Dense``
-  and ``nn.Conv`` it applies, and differentiates the mean loss
-  ``J = mean_b loss_fn(logits, y)_b`` with respect to the ``'params'``
+  **kwargs)`` once, recording the input and output of every layer of the
+  registry it applies (``nn.Dense``, ``nn.Conv``, ``nn.DenseGeneral``,
+  ``nn.Embed``, ``nn.Einsum``: see the README's table), and
+  differentiates the mean loss ``J`` with respect to the ``'params'``
   collection only.
 
   The recognised layers, in call order, may form any graph: between them
@@ -138,8 +140,7 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
   reaches no later layer, an unsupported convolution, a module whose
   output is not its last linear layer's output; and, naming the
   parameters, any parameter that no recorded layer owns and no
-  normalisation layer holds (the kernel of an ``nn.DenseGeneral``,
-  ``nn.Embed``, ``nn.Einsum`` or a custom module's ``self.param``), unless
+  normalisation layer holds (a custom module's ``self.param``), unless
   ``unsolved='gradient'``.
 
   Args:

@@ -49,6 +49,7 @@ def _intercept(model):
         return compute()
       entry = flax_layers.lookup(self)
       name = problems_lib.path_str(path)
+      entry.check_call(name, args, kwargs)
       names = entry.names(self)
       return tape.visit(
           path, inputs, compute, names,
@@ -100,8 +101,9 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   """Loss, gradient and layer-wise problems from one forward pass.
 
   Runs ``model(x)`` once, recording the input ``f_{i-1}`` and output
-  ``g_i`` of every ``nnx.Linear`` and ``nnx.Conv`` it applies, and
-  differentiates the mean loss ``J = mean_b loss_fn(model(x), y)_b`` with
+  ``g_i`` of every layer of the registry it applies (``nnx.Linear``,
+  ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Embed``, ``nnx.Einsum``: see
+  the README's table), and differentiates the mean loss ``J`` with
   respect to the model's ``nnx.Param`` variables, as ``nnx.value_and_grad``
   does: the forward pass updates the model's ``BatchStat`` variables and
   advances its random streams as usual.
@@ -118,9 +120,9 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   ``nnx.scan``), a layer whose output reaches no later layer, an
   unsupported convolution, a model whose output is not its last linear
   layer's output; and, naming the parameters, any ``nnx.Param`` that no
-  recorded layer owns and no normalisation layer holds (the kernel of an
-  ``nnx.LinearGeneral``, ``nnx.Embed`` or a custom module, a layer the
-  forward pass did not call), unless ``unsolved='gradient'``.
+  recorded layer owns and no normalisation layer holds (a custom module's
+  kernel, an ``nnx.LoRA`` adapter, a layer the forward pass did not call),
+  unless ``unsolved='gradient'``.
 
   Args:
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
