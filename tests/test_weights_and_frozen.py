@@ -84,8 +84,10 @@ def test_example_weights_drop_examples():
 
 def test_bad_weights_are_named():
   x, y = classification()
-  with pytest.raises(ValueError, match='weights must be an array'):
+  with pytest.raises(ValueError, match='weights must be a real'):
     step_inputs(MLP((6, 8, 3)), x, y, weights=jnp.ones(3))
+  with pytest.raises(ValueError, match=r'weights must be a real .*complex'):
+    step_inputs(MLP((6, 8, 3)), x, y, weights=jnp.ones(x.shape[0], complex))
   x, y, _ = _tokens()
   with pytest.raises(ValueError, match=r'weights of shape \(4, 3\) do not '
                      r'fit rows of shape \(4, 5\)'):
@@ -95,6 +97,7 @@ def test_bad_weights_are_named():
 def test_padding_labels_out_of_range_are_fine_where_weighted_zero():
   x, y, mask = _tokens()
   y = jnp.where(mask > 0, y, -1)  # padding label, as tokenizers write it
+  mask = mask.astype(jnp.int32)  # integer masks, as tokenizers write them
   grads, params, problems = step_inputs(TokenMLP(), x, y, weights=mask)
   tx = sibp_jax.sibp(0.1)
   _, state = tx.update(grads, tx.init(params), params, problems=problems)

@@ -78,11 +78,12 @@ class Forward:
     if weights is not None:
       weights = jnp.asarray(weights)
       if (weights.ndim == 0 or weights.shape[0] != x.shape[0] or
-          not jnp.issubdtype(weights.dtype, jnp.inexact) and
-          weights.dtype != jnp.bool_):
+          jnp.issubdtype(weights.dtype, jnp.complexfloating) or not (
+              jnp.issubdtype(weights.dtype, jnp.number) or
+              weights.dtype == jnp.bool_)):
         raise ValueError(
-            f'weights must be an array of floats or booleans with the '
-            f'batch ({x.shape[0]}) as its leading axis, got '
+            f'weights must be a real (or boolean) array with the batch '
+            f'({x.shape[0]}) as its leading axis, got '
             f'{weights.dtype}{list(weights.shape)}')
       weights = weights.astype(jnp.result_type(float))
     self.weights = weights
