@@ -173,7 +173,8 @@ class Ridge:
       blocks.append(jnp.ones_like(r[:, :1]))  # sharded like the rows
     f = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     if p.row_weights is not None:  # the rows of √w ⊙ F (see RidgeProblem)
-      f = f * jnp.sqrt(p.row_weights.astype(f.dtype)).reshape(-1, 1)
+      f = f * sharding.reshape_rows(
+          jnp.sqrt(p.row_weights.astype(f.dtype)), (-1, 1))
     n, m = f.shape
     n_kernel = m - 1 if fit_bias else m
     use_cholesky = path == 'cholesky'
