@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sibp_jax._src import conv_gram
 from sibp_jax._src import sharding
 
 # Matmuls that feed a solve run at full float32 precision: on accelerators
@@ -148,6 +149,19 @@ class Conv:
     patches = jnp.stack(columns, axis=-2)
     return sharding.reshape_rows(
         patches, (-1, len(columns) * inputs.shape[-1]))
+
+  def gram(self, inputs, window, row_weights=None):
+    """``FᵀWF`` and ``FᵀW1`` of :meth:`design` without forming it.
+
+    Shapes ``(m, m)`` and ``(m,)`` with ``m = prod(window)·channels``;
+    ``row_weights`` (``None``, or shaped like the output's rows) is ``W``.
+    Stride-1 convolutions take the input's correlation with itself at the
+    window's shifts, about ``k(2k-1)`` products of ``C × C`` per position for
+    a ``k × k`` window instead of the ``k⁴`` of the patches' Gram; the others
+    one product per pair of window offsets (``conv_gram`` says how).
+    """
+    return conv_gram.gram(inputs, window, self.strides, self.padding,
+                          self.kernel_dilation, row_weights, PRECISION)
 
   def output_rows(self, outputs):
     return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))
