@@ -98,6 +98,7 @@ class Conv:
   design matrix holds the input patch under the kernel at that position
   (im2col), ordered like the kernel's ``(spatial..., in)`` axes, so
   ``design(f, window) @ K.reshape(-1, out)`` equals the convolution's rows.
+  The exact solves use :meth:`gram` instead, ``FᵀF`` without the patches.
 
   Attributes:
     strides: the window strides, one per spatial axis.
