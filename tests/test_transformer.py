@@ -13,7 +13,9 @@ from flax import nnx
 
 import sibp_jax
 
+from _models import Block
 from _models import nnx_step
+from _models import positions
 from _models import xent
 
 
@@ -62,41 +64,13 @@ def test_dense_general_solve_matches_numpy(batch):
   chex.assert_trees_all_close((ck, cb), (dk, db), rtol=1e-7, atol=1e-9)
 
 
-def _positions(x):
-  """Every example's token positions, ``(batch, tokens)``: the lookup's rows
-  are every position of every example, as for any other layer."""
-  return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-
-
-class Block(nnx.Module):
-  """A pre-norm transformer block on patch tokens, and a linear head."""
-
-  def __init__(self, dtype, d=8, heads=2, classes=3, tokens=5, seed=0):
-    rngs = nnx.Rngs(seed)
-    kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
-    self.patch = nnx.Linear(6, d, **kw)
-    self.positions = nnx.Embed(tokens, d, **kw)
-    self.norm1 = nnx.LayerNorm(d, **kw)
-    self.attention = nnx.MultiHeadAttention(heads, d, decode=False, **kw)
-    self.norm2 = nnx.LayerNorm(d, **kw)
-    self.up = nnx.Linear(d, 2 * d, **kw)
-    self.down = nnx.Linear(2 * d, d, **kw)
-    self.head = nnx.Linear(d, classes, **kw)
-
-  def __call__(self, x):
-    h = self.patch(x) + self.positions(_positions(x))
-    h = h + self.attention(self.norm1(h))
-    h = h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
-    return self.head(h.mean(axis=1))
-
-
 class LinenBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kw = dict(param_dtype=self.dtype, dtype=self.dtype)
-    h = nn.Dense(8, **kw)(x) + nn.Embed(x.shape[1], 8, **kw)(_positions(x))
+    h = nn.Dense(8, **kw)(x) + nn.Embed(x.shape[1], 8, **kw)(positions(x))
     h = h + nn.MultiHeadDotProductAttention(2, **kw)(nn.LayerNorm(**kw)(h))
     h = h + nn.Dense(8, **kw)(jax.nn.gelu(nn.Dense(16, **kw)(
         nn.LayerNorm(**kw)(h))))
