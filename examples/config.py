@@ -24,7 +24,7 @@ RESUME_SETTINGS = ('dataset', 'model', 'optimizer', 'learning_rate',
                    'lambda_w', 'lambda_b', 'inner_iterations', 'tau_prox',
                    'momentum', 'proxbp_solver', 'proxbp_outer', 'batch_size',
                    'seed', 'train_examples', 'validation_examples',
-                   'mock_data')
+                   'mock_data', 'seq_len')
 # Settings a sweep refuses: it is not checkpointed.
 NOT_WITH_SWEEP = ('checkpoint_dir', 'resume', 'params_out',
                   'stop_after_steps')
@@ -47,6 +47,7 @@ class Config(optimizers.Hyperparameters):
   learning_rate: float | None = None
   epochs: int = 5
   batch_size: int = 100
+  seq_len: int = input_pipeline.SEQ_LEN
   seed: int = 0
   train_examples: int | None = None
   validation_examples: int = input_pipeline.VALIDATION_EXAMPLES
@@ -85,6 +86,8 @@ HELP = {
     'epochs': 'passes over the training set; 0: only prepare the data and '
               'evaluate',
     'batch_size': 'examples per step',
+    'seq_len': 'tiny_shakespeare: characters per example (the char_lm '
+               "model's context)",
     'seed': 'seed of the initial weights and the batch order',
     'train_examples': 'train on the first N training examples (default all)',
     'validation_examples': 'held out from the training split (a fifth when '
@@ -134,6 +137,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             'proxbp': ('proxbp', {}, None),
             'adamw': ('adamw', {}, None),
             'muon': ('muon', {}, None)}),
+    'char_lm': dict(  # a small character language model, SIBP vs AdamW
+        model='char_lm', dataset='tiny_shakespeare', batch_size=64,
+        seq_len=64, epochs=1, methods={
+            'sibp_linearized': ('sibp_linearized', {}, (0.01, 0.03, 0.1)),
+            'adamw': ('adamw', {}, None)}),
 }
 
 
@@ -179,7 +187,7 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
     config.learning_rate = optimizers.default_learning_rate(
         config.optimizer, config)
   positive = ('lambda_w', 'lambda_b', 'tau_prox', 'batch_size',
-              'eval_batch_size', 'inner_iterations')
+              'eval_batch_size', 'inner_iterations', 'seq_len')
   ranges = {  # setting -> (whether a value is in range, the range)
       **{name: (lambda v: v > 0, '> 0') for name in (
           positive if config.sweep else ('learning_rate', *positive))},
@@ -189,6 +197,13 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
   for name, (ok, what) in ranges.items():
     if not ok(getattr(config, name)):
       raise UsageError(f'{name} must be {what}, got {getattr(config, name)}')
+  text = config.dataset in input_pipeline.TEXT_DATASETS
+  if text != (config.model in models.SEQUENCE_MODELS):
+    raise UsageError(
+        f'--model {config.model} does not fit --dataset {config.dataset}: '
+        f'the text datasets ({", ".join(input_pipeline.TEXT_DATASETS)}) need '
+        f'a sequence model ({", ".join(models.SEQUENCE_MODELS)}), which '
+        'needs one of them')
   if config.mock_data is not None and config.dataset == 'digits':
     raise UsageError('--mock_data is for the TFDS datasets, not digits')
   if config.resume and not config.checkpoint_dir:

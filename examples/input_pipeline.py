@@ -11,8 +11,20 @@ r"""Datasets for the examples: train / validation / test arrays in memory.
 * ``digits``: scikit-learn's bundled 8×8 digits (pixels ``/16``), for
   machines without internet; 360 test images (a stratified split, seed 0),
   the validation set held out from the rest.
+* ``tiny_shakespeare``: TFDS's one text per split (about 1M characters of
+  Shakespeare to train on, 55k each to validate and test, on the
+  validation split rather than a held-out part of training). Characters
+  become ids of a vocabulary of the training text's characters (sorted; a
+  last id stands for any character of the other splits that training
+  lacks, where there is one); the text is cut into windows of
+  ``seq_len + 1`` characters, consecutive windows sharing one, and a
+  window's first ``seq_len`` ids are the input and its last ``seq_len`` the
+  targets: ``x``, ``y`` int32 ``(n, seq_len)``, each the next character's
+  id, so every character but the first is a target once.
 * ``mock_data=N``: ``tfds.testing.mock_data`` with ``N`` random examples per
-  split (for tests); shapes as the real dataset.
+  split (for tests); shapes as the real dataset. For ``tiny_shakespeare``
+  that is ``N`` short random strings per split, joined by newlines into the
+  split's text.
 
 Where the validation size (default 5,000) is not below a fifth of the
 training split (digits, mock data), a fifth is held out instead. A TFDS
@@ -32,8 +44,11 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10')
+DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'tiny_shakespeare')
+# Datasets of token sequences (for models.SEQUENCE_MODELS).
+TEXT_DATASETS = ('tiny_shakespeare',)
 VALIDATION_EXAMPLES = 5000
+SEQ_LEN = 64
 DIGITS_TEST_EXAMPLES = 360  # of 1,797
 _READ_CHUNK = 10_000
 
@@ -44,7 +59,11 @@ class DatasetUnavailableError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """One dataset in memory: float32 images ``(n, H, W, C)``, int32 labels."""
+  """One dataset in memory: float32 images ``(n, H, W, C)`` and int32
+  labels ``(n,)``, or (text) int32 character ids ``(n, seq_len)`` and the
+  next characters' ids ``(n, seq_len)``, ``classes`` of them, whose
+  characters ``vocabulary`` lists in id order (``''`` for images; with
+  a last unknown character, ``classes`` is one more)."""
 
   name: str
   x_train: np.ndarray
@@ -54,6 +73,7 @@ class Data:
   x_test: np.ndarray
   y_test: np.ndarray
   classes: int
+  vocabulary: str = ''
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -102,8 +122,8 @@ def _prepare(builder, name: str, data_dir: str | None) -> None:
         'copy DIR here.') from None
 
 
-def _read(source) -> tuple[np.ndarray, np.ndarray]:
-  """All images and labels of a TFDS data source, read in chunks."""
+def _records(source) -> list:
+  """All records of a TFDS data source, read in chunks."""
   records = []
   for start in range(0, len(source), _READ_CHUNK):
     keys = list(range(start, min(start + _READ_CHUNK, len(source))))
@@ -113,12 +133,20 @@ def _read(source) -> tuple[np.ndarray, np.ndarray]:
       # tfds.testing.mock_data's __getitems__ is not bound to the source
       # (tfds 4.9): read the random examples one by one.
       records.extend(source[k] for k in keys)
+  return records
+
+
+def _read(source) -> tuple[np.ndarray, np.ndarray]:
+  """All images and labels of a TFDS data source."""
+  records = _records(source)
   return (np.stack([np.asarray(r['image']) for r in records]),
           np.asarray([r['label'] for r in records], np.int32))
 
 
-def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
-  """Raw ``(x_train, y_train, x_test, y_test, classes)`` from TFDS."""
+def _load_tfds(name: str, data_dir: str | None, mock_data: int | None,
+               splits=('train', 'test'), read=None):
+  """Raw ``(x_train, y_train, x_test, y_test, classes)`` from TFDS; with
+  ``read``, ``[read(source) for each of splits]``."""
   try:
     import tensorflow_datasets as tfds  # examples extra
   except ImportError:
@@ -134,6 +162,8 @@ def _load_tfds(name: str, data_dir: str | None, mock_data: int | None):
     if mock_data is None and not builder.is_prepared():
       _prepare(builder, name, data_dir)
     try:
+      if read is not None:
+        return [read(builder.as_data_source(split=s)) for s in splits]
       train = _read(builder.as_data_source(split='train'))
       test = _read(builder.as_data_source(split='test'))
     except NotImplementedError as e:  # prepared as TFRecord: no random access
@@ -158,6 +188,50 @@ def _load_digits():
   return x_train, y_train, x_test, y_test, 10
 
 
+def _text(source) -> str:
+  """A text split's records joined by newlines (the real dataset has one)."""
+  texts = [r['text'] for r in _records(source)]
+  return '\n'.join(t.decode('utf-8') if isinstance(t, bytes) else str(t)
+                   for t in texts)
+
+
+def char_windows(text: str, vocabulary: str,
+                 seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """``text`` as ids of ``vocabulary`` (a character it lacks: the id
+  ``len(vocabulary)``), cut into ``(inputs, targets)`` int32 ``(n,
+  seq_len)`` as the module docstring says."""
+  index = {c: i for i, c in enumerate(vocabulary)}
+  ids = np.fromiter((index.get(c, len(vocabulary)) for c in text), np.int32,
+                    len(text))
+  n = (len(ids) - 1) // seq_len
+  return (ids[:n * seq_len].reshape(n, seq_len),
+          ids[1:n * seq_len + 1].reshape(n, seq_len))
+
+
+def _load_text(name: str, data_dir: str | None, mock_data: int | None,
+               seq_len: int, train_examples: int | None) -> Data:
+  if seq_len < 1:
+    raise ValueError(f'seq_len must be at least 1, got {seq_len}')
+  train, val, test = _load_tfds(name, data_dir, mock_data,
+                                ('train', 'validation', 'test'), _text)
+  vocabulary = ''.join(sorted(set(train)))
+  classes = len(vocabulary) + (not set(val + test) <= set(vocabulary))
+  windows = {k: char_windows(t, vocabulary, seq_len)
+             for k, t in (('train', train), ('val', val), ('test', test))}
+  for k, (x, _) in windows.items():
+    if not len(x):
+      raise ValueError(f'{name}: the {k} text has fewer than seq_len + 1 = '
+                       f'{seq_len + 1} characters')
+  (x_train, y_train), (x_val, y_val), (x_test, y_test) = windows.values()
+  if train_examples is not None:
+    if not 0 < train_examples <= len(x_train):
+      raise ValueError(f'train_examples={train_examples}: {name} has '
+                       f'{len(x_train)} training sequences of {seq_len}')
+    x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+  return Data(name, x_train, y_train, x_val, y_val, x_test, y_test, classes,
+              vocabulary)
+
+
 def teacher_data(n: int, input_shape=(28, 28, 1), classes: int = 10,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """``n`` random images in [0, 1] labelled by a random linear teacher:
@@ -173,14 +247,18 @@ def teacher_data(n: int, input_shape=(28, 28, 1), classes: int = 10,
 def load(name: str, data_dir: str | None = None, *,
          validation_examples: int = VALIDATION_EXAMPLES,
          train_examples: int | None = None,
-         mock_data: int | None = None) -> Data:
+         mock_data: int | None = None, seq_len: int = SEQ_LEN) -> Data:
   """Loads one of :data:`DATASETS` as the module docstring says, from
   ``data_dir`` (TFDS; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
   keeps the first ``train_examples`` training images (default all) after the
-  validation set is held out. Raises :class:`DatasetUnavailableError`, or
-  ``ValueError`` for an unknown name or an impossible size."""
+  validation set is held out (text: the first training sequences of
+  ``seq_len`` characters; ``validation_examples`` does not apply). Raises
+  :class:`DatasetUnavailableError`, or ``ValueError`` for an unknown name or
+  an impossible size."""
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
+  if name in TEXT_DATASETS:
+    return _load_text(name, data_dir, mock_data, seq_len, train_examples)
   if name == 'digits':
     if mock_data is not None:
       raise ValueError('mock_data is for the TFDS datasets, not digits')

@@ -1,8 +1,9 @@
 r"""The networks of the SIBP and ProxBP papers' experiments, in ``flax.nnx``.
 
-Every model takes images ``(batch, height, width, channels)`` (the MLPs:
-any array whose leading axis is the batch) and returns logits ``(batch,
-classes)``; :func:`create_model` builds them by name:
+Every model but ``char_lm`` takes images ``(batch, height, width,
+channels)`` (the MLPs: any array whose leading axis is the batch) and
+returns logits ``(batch, classes)``; :func:`create_model` builds them by
+name:
 
 * ``paper_mlp``: the SIBP authors' network (:class:`PaperMLP`).
 * ``proxprop_mlp``, ``proxprop_convnet``: the ProxBP authors' MLP and
@@ -15,6 +16,10 @@ classes)``; :func:`create_model` builds them by name:
   blocks of width 256.
 * ``vit``: a small vision transformer (:class:`ViT`): patches, learned
   positions from ``nnx.Embed``, pre-norm attention blocks.
+* ``char_lm``: a small decoder-only character language model
+  (:class:`CharLM`): causal attention blocks, an untied output head;
+  character ids ``(batch, tokens)`` in, next-character logits ``(batch,
+  tokens, vocab)`` out.
 
 The papers' models are chains of linear layers; the residual ones are not:
 the sweep over the graph (sibp_jax's linearized SIBP and ProxBP) trains
@@ -213,8 +218,15 @@ class ResidualMLP(nnx.Module):
     return self.head(jax.nn.relu(h))
 
 
+def _positions(x: jax.Array) -> jax.Array:
+  """The token positions ``(batch, tokens)`` of every example of ``x``."""
+  b, tokens = x.shape[:2]
+  return jnp.broadcast_to(jnp.arange(tokens), (b, tokens))
+
+
 class _EncoderBlock(nnx.Module):
-  """``h ← h + MHA(LN(h))``, then ``h ← h + MLP(LN(h))`` (GELU, 2× wide)."""
+  """``h ← h + MHA(LN(h))``, then ``h ← h + MLP(LN(h))`` (GELU, 2× wide);
+  the attention restricted by ``mask`` where one is given."""
 
   def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
     self.norm1 = nnx.LayerNorm(width, rngs=rngs)
@@ -224,8 +236,9 @@ class _EncoderBlock(nnx.Module):
     self.up = nnx.Linear(width, 2 * width, rngs=rngs)
     self.down = nnx.Linear(2 * width, width, rngs=rngs)
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    h = h + self.attention(self.norm1(h))
+  def __call__(self, h: jax.Array, mask: jax.Array | None = None
+               ) -> jax.Array:
+    h = h + self.attention(self.norm1(h), mask=mask)
     return h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
 
 
@@ -265,21 +278,63 @@ class ViT(nnx.Module):
     p = self.patch
     x = x.reshape(b, height // p, p, width // p, p, channels)
     x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, self.tokens, -1)
-    positions = jnp.broadcast_to(jnp.arange(self.tokens), (b, self.tokens))
-    h = self.embed(x) + self.positions(positions)
+    h = self.embed(x) + self.positions(_positions(x))
     for block in self.blocks:
       h = block(h)
     return self.head(jnp.mean(self.norm(h), axis=1))
 
 
+class CharLM(nnx.Module):
+  """A small decoder-only character language model, from Flax's stock
+  layers only.
+
+  Character ids ``(batch, tokens)`` are looked up in ``nnx.Embed(vocab,
+  width)``, plus a learned position from a second ``nnx.Embed`` (looked up
+  for every example's positions, as in :class:`ViT`); then ``depth``
+  pre-norm blocks of causal ``nnx.MultiHeadAttention`` (``heads`` heads,
+  each token attends to itself and the tokens before it) and a GELU MLP, a
+  final ``LayerNorm`` and an output head ``Linear(width → vocab)``: logits
+  ``(batch, tokens, vocab)`` of every next character.
+
+  The output head is its own ``nnx.Linear``, not tied to the token table
+  (``Embed.attend``): sibp_jax solves each layer's weights from that
+  layer's own map and refuses a table used by two maps, so tied embeddings
+  cannot be trained with SIBP or ProxBP today.
+  """
+
+  def __init__(self, vocab: int, context: int, *, width: int = 64,
+               depth: int = 2, heads: int = 4, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.context = context
+    self.tokens = nnx.Embed(vocab, width, rngs=rngs)
+    self.positions = nnx.Embed(context, width, rngs=rngs)
+    self.blocks = nnx.List([_EncoderBlock(width, heads, rngs)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(width, rngs=rngs)
+    self.head = nnx.Linear(width, vocab, rngs=rngs)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    if ids.shape[1] > self.context:
+      raise ValueError(f'CharLM: {ids.shape[1]} tokens, more than its '
+                       f'context of {self.context}')
+    h = self.tokens(ids) + self.positions(_positions(ids))
+    mask = nnx.make_causal_mask(ids)
+    for block in self.blocks:
+      h = block(h, mask)
+    return self.head(self.norm(h))
+
+
 MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet', 'resnet20',
-          'residual_mlp', 'residual_mlp_16', 'vit')
+          'residual_mlp', 'residual_mlp_16', 'vit', 'char_lm')
+# Models of token sequences (the rest take images or feature vectors).
+SEQUENCE_MODELS = ('char_lm',)
 
 
 def create_model(name: str, input_shape: Sequence[int], classes: int, *,
                  seed: int = 0) -> nnx.Module:
   """One of :data:`MODELS` for examples of ``input_shape`` (images: ``(height,
-  width, channels)``; the MLPs flatten them), with ``classes`` logits and
+  width, channels)``; the MLPs flatten them; ``char_lm``: ``(tokens,)``,
+  its context), with ``classes`` logits (``char_lm``: the vocabulary) and
   the initial weights of ``seed``."""
   input_shape = tuple(int(d) for d in input_shape)
   d_in = math.prod(input_shape)
@@ -287,6 +342,11 @@ def create_model(name: str, input_shape: Sequence[int], classes: int, *,
       input_shape) != 3:
     raise ValueError(f'{name} needs images (height, width, channels), got '
                      f'examples of shape {input_shape}')
+  if name == 'char_lm':
+    if len(input_shape) != 1:
+      raise ValueError(f'char_lm needs token sequences (tokens,), got '
+                       f'examples of shape {input_shape}')
+    return CharLM(classes, input_shape[0], seed=seed)
   if name == 'paper_mlp':
     return PaperMLP(d_in, classes=classes, seed=seed)
   if name == 'proxprop_mlp':

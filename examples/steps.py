@@ -35,7 +35,8 @@ def make_step(graphdef, needs_problems: bool) -> Callable:
   """The pure step ``(state, x, y) -> (state, stats)``, for :func:`jit`.
 
   ``stats`` holds the batch's ``loss`` and ``accuracy`` (before the
-  update), ``skipped``: whether SIBP / ProxBP flagged the step as not
+  update; per-token labels ``(batch, tokens)``: the means over every
+  token), ``skipped``: whether SIBP / ProxBP flagged the step as not
   finite and left the parameters as they were (first-order methods: never),
   and ``unconverged``: how many layers' solves of the step ended
   unconverged (:meth:`sibp_jax.LayerwiseInfo.unconverged`).
@@ -87,12 +88,20 @@ def stack_learning_rates(state, rates: Sequence[float],
   return stacked
 
 
+def _per_example(values: jax.Array) -> jax.Array:
+  """``(n,)``: each example's mean of ``values`` over its other axes."""
+  return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
+
+
 def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
                   eval_params: Callable | None = None) -> Callable:
   """``evaluate(state, x, y) -> [(mean loss, accuracy)]``, one per run.
 
   Every batch has ``batch_size`` rows (the last one padded, the padding
-  weighted zero), so the evaluation compiles once. With ``runs`` the state
+  weighted zero), so the evaluation compiles once. Per-token labels
+  ``(n, tokens)`` (a language model) count each example by its mean over
+  its tokens: with every example of the same length, the means over all
+  tokens. With ``runs`` the state
   holds K stacked runs. ``eval_params(opt_state, params)`` gives the
   parameters to evaluate (schedule-free methods).
   """
@@ -106,8 +115,8 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
       nnx.update(model, eval_params(nnx.as_pure(optimizer.opt_state),
                                     nnx.as_pure(nnx.state(model, nnx.Param))))
     logits = model(x)
-    return (jnp.sum(weight * LOSS(logits, y)),
-            jnp.sum(weight * (jnp.argmax(logits, axis=-1) == y)))
+    return (jnp.sum(weight * _per_example(LOSS(logits, y))),
+            jnp.sum(weight * _per_example(jnp.argmax(logits, axis=-1) == y)))
 
   sums = jax.jit(jax.vmap(sums, in_axes=(0, None, None, None)) if runs
                  else sums)
@@ -119,7 +128,7 @@ def make_evaluate(graphdef, batch_size: int, *, runs: bool = False,
       pad = batch_size - len(xb)
       weight = jnp.concatenate([jnp.ones(len(xb)), jnp.zeros(pad)])
       xb = jnp.concatenate([xb, jnp.zeros((pad, *xb.shape[1:]), xb.dtype)])
-      yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
+      yb = jnp.concatenate([yb, jnp.zeros((pad, *yb.shape[1:]), yb.dtype)])
       total = total + np.stack(
           [np.asarray(s, np.float64) for s in sums(state, xb, yb, weight)],
           axis=-1)

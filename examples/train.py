@@ -9,6 +9,7 @@ a dataset of ``input_pipeline.py``, with the settings of ``config.py``
   python examples/train.py --dataset cifar10 --preset proxprop_mlp \
       --optimizer proxbp --proxbp_solver cg3
   python examples/train.py --dataset digits --optimizer adam   # offline
+  python examples/train.py --preset char_lm --optimizer adamw   # text
 
 The defaults are the SIBP authors' run (MNIST, ``paper_mlp``, batch 100,
 5 epochs, ``η = 0.1``, ``λ_W = λ_b = 1``) with the library's default
@@ -77,7 +78,8 @@ def load_data(config: Config):
     data = input_pipeline.load(
         config.dataset, config.data_dir,
         validation_examples=config.validation_examples,
-        train_examples=config.train_examples, mock_data=config.mock_data)
+        train_examples=config.train_examples, mock_data=config.mock_data,
+        seq_len=config.seq_len)
   except ValueError as e:
     raise UsageError(str(e)) from None
   if config.batch_size > len(data.x_train):

@@ -126,6 +126,36 @@ class LinenResNet(nn.Module):
     return nn.Dense(self.out, name='head')(x.mean(axis=(1, 2)))
 
 
+def positions(x):
+  """Every example's token positions, ``(batch, tokens)``: the lookup's rows
+  are every position of every example, as for any other layer."""
+  return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+
+class Block(nnx.Module):
+  """A pre-norm transformer block on patch tokens ``(batch, tokens, 6)``:
+  patch Linear plus Embed positions, MultiHeadAttention, a GELU MLP, mean
+  pooling and a linear head (9 layers, the 4 projections included)."""
+
+  def __init__(self, dtype, d=8, heads=2, classes=3, tokens=5, seed=0):
+    rngs = nnx.Rngs(seed)
+    kw = dict(param_dtype=dtype, dtype=dtype, rngs=rngs)
+    self.patch = nnx.Linear(6, d, **kw)
+    self.positions = nnx.Embed(tokens, d, **kw)
+    self.norm1 = nnx.LayerNorm(d, **kw)
+    self.attention = nnx.MultiHeadAttention(heads, d, decode=False, **kw)
+    self.norm2 = nnx.LayerNorm(d, **kw)
+    self.up = nnx.Linear(d, 2 * d, **kw)
+    self.down = nnx.Linear(2 * d, d, **kw)
+    self.head = nnx.Linear(d, classes, **kw)
+
+  def __call__(self, x):
+    h = self.patch(x) + self.positions(positions(x))
+    h = h + self.attention(self.norm1(h))
+    h = h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+    return self.head(h.mean(axis=1))
+
+
 def linen_variables_from(model):
   """The linen variables dict holding an nnx model's values, by name."""
   params = nnx.as_pure(nnx.state(model, nnx.Param))

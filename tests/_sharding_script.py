@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sibp_jax  # noqa: E402
 
 from _models import MLP  # noqa: E402
+from _models import Block  # noqa: E402
 from _models import ConvNet  # noqa: E402
 from _models import ResNet  # noqa: E402
 from _models import arch_data  # noqa: E402
@@ -52,20 +53,36 @@ from _models import xent  # noqa: E402
 # collective is recognisable by its shape. The ConvNet (8×8×2 inputs, two
 # convs, a dense layer) checks the im2col rows of a sharded batch; the
 # ResNet (BatchNorm, identity and projection shortcuts) the graph sweep,
-# whose BatchNorm statistics are sums over the sharded batch too.
+# whose BatchNorm statistics are sums over the sharded batch too. The
+# transformer block (5 tokens of 6 features, width 8, 2 heads) checks
+# attention, the position Embed (whose rows are every token of the sharded
+# batch) and LayerNorm: attention mixes tokens within an example only, so
+# it too must need no communication of activations. It runs under GSPMD:
+# its position ids, a broadcast iota, are replicated, and under explicit
+# sharding the backward pass of adding the replicated lookup to the sharded
+# tokens gathers the batch's cotangent, in plain backprop as much as in
+# SIBP. (Ids sharded with the batch need nnx.Embed's out_sharding, which
+# sibp_jax's own replay of the lookup does not pass yet: a
+# ShardingTypeError.)
 SIZES = (100, 120, 10)
 BATCH = 40
+TOKENS = 5
 
 
 def _data(arch, batch, seed=0):
   if arch == 'mlp':
     return classification(batch=batch, d_in=SIZES[0], seed=seed)
+  if arch == 'transformer':
+    x, y = classification(batch=batch, d_in=TOKENS * 6, seed=seed)
+    return x.reshape(batch, TOKENS, 6), y
   return arch_data(arch, batch=batch, seed=seed)
 
 
 def _model(arch):
   if arch == 'mlp':
     return MLP(SIZES)
+  if arch == 'transformer':
+    return Block(np.float32, tokens=TOKENS)
   return ResNet() if arch == 'resnet' else ConvNet()
 
 
@@ -104,7 +121,8 @@ EXACT = ('sibp_linearized', 'sibp_paper', 'proxbp_exact')
 # with every SIBP variant and exact ProxBP, the ConvNet with exact SIBP and
 # ProxBP's CG, the ResNet (graph sweep, BatchNorm) with exact SIBP; under
 # GSPMD the two solves whose method the user pins (the exact ridge solve
-# and the paper variant's parameter-space CG); the negative control once.
+# and the paper variant's parameter-space CG), and the transformer block
+# with exact SIBP (see below); the negative control once.
 # Each row compiles three programs; ProxBP's exact rule on the ResNet and
 # under GSPMD is left out, as it sums over the batch exactly as SIBP's does
 # (the same Gram matrix and right-hand side, another scale and Λ), and
@@ -114,6 +132,7 @@ CHECKS = ([('explicit', 'mlp', c) for c in EXACT + ('sibp_linearized_cg',)] +
                                                 'proxbp_cg3')] +
           [('explicit', 'resnet', 'sibp_linearized')] +
           [('gspmd', 'mlp', c) for c in EXACT[:2]] +
+          [('gspmd', 'transformer', 'sibp_linearized')] +
           [('gspmd_default', 'mlp', 'sibp_linearized')])
 
 

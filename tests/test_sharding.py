@@ -3,7 +3,7 @@
 JAX fixes its CPU device count at start-up, so every check runs
 ``tests/_sharding_script.py`` in a fresh process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and reads the JSON
-lines it prints. One ``check`` process compiles 27 small steps.
+lines it prints. One ``check`` process compiles 30 small steps.
 """
 
 import json
@@ -21,6 +21,7 @@ import sibp_jax
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, '_sharding_script.py')
 BATCH = 40  # _sharding_script.BATCH; `check` also compiles 2 * BATCH
+TOKENS = 5  # _sharding_script.TOKENS: the transformer's rows are B · TOKENS
 
 # Tolerance of "8 devices give the one-device step", relative to the largest
 # parameter. The sharded step adds each sum over the batch (FᵀF, FᵀR, the
@@ -96,6 +97,7 @@ def test_eight_devices_give_the_one_device_step(rows):
                                               'proxbp_cg3')}
       | {('explicit', 'resnet', 'sibp_linearized')}
       | {('gspmd', 'mlp', c) for c in exact[:2]}
+      | {('gspmd', 'transformer', 'sibp_linearized')}
       | {('gspmd_default', 'mlp', 'sibp_linearized')})
   for r in rows:
     assert r['devices'] == 8, r
@@ -122,9 +124,11 @@ def _sizes(collectives):
 
 
 def _batch_sized(collectives, batch):
-  """Arrays in ``collectives`` with an axis of ``batch`` (MLP rows)."""
+  """Arrays in ``collectives`` with an axis of ``batch`` examples or of
+  their ``batch · TOKENS`` tokens (the rows of the MLP's and of the
+  transformer's layers; no other axis of theirs has either size)."""
   return [(op, s) for op, shapes in collectives for s in shapes
-          if batch in s]
+          if batch in s or batch * TOKENS in s]
 
 
 def test_collectives_do_not_grow_with_the_batch(rows):
@@ -135,14 +139,14 @@ def test_collectives_do_not_grow_with_the_batch(rows):
   values), never the activations.
   """
   checked = [r for r in rows if r['mode'] != 'gspmd_default']
-  assert len(checked) == 9
+  assert len(checked) == 10
   for r in checked:
     small, large = r[f'collectives_{BATCH}'], r[f'collectives_{2 * BATCH}']
     assert small, f'no collective at all? {r}'
     assert _sizes(small) == _sizes(large), r
     ops = {op for op, _ in small + large}
     assert ops == {'all-reduce'}, f'{r["mode"]}/{r["case"]}: {ops}'
-    if r['arch'] == 'mlp':
+    if r['arch'] in ('mlp', 'transformer'):
       assert not _batch_sized(small, BATCH), r
       assert not _batch_sized(large, 2 * BATCH), r
 
