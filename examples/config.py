@@ -22,7 +22,8 @@ from checkpoints import UsageError
 # resumes only under the same ones.
 RESUME_SETTINGS = ('dataset', 'model', 'optimizer', 'learning_rate',
                    'lambda_w', 'lambda_b', 'inner_iterations', 'tau_prox',
-                   'momentum', 'proxbp_solver', 'proxbp_outer', 'batch_size',
+                   'momentum', 'proxbp_solver', 'proxbp_outer', 'schedule',
+                   'batch_size',
                    'seed', 'train_examples', 'validation_examples',
                    'mock_data', 'seq_len')
 # Settings a sweep refuses: it is not checkpointed.
@@ -31,7 +32,8 @@ NOT_WITH_SWEEP = ('checkpoint_dir', 'resume', 'params_out',
 CHOICES = {'dataset': input_pipeline.DATASETS, 'model': models.MODELS,
            'optimizer': tuple(optimizers.METHODS),
            'proxbp_solver': optimizers.PROXBP_SOLVERS,
-           'proxbp_outer': optimizers.PROXBP_OUTERS}
+           'proxbp_outer': optimizers.PROXBP_OUTERS,
+           'schedule': optimizers.SCHEDULES}
 
 
 @dataclasses.dataclass
@@ -83,6 +85,8 @@ HELP = {
                 'outer step)',
     'proxbp_solver': 'exact, or N conjugate-gradient steps',
     'proxbp_outer': "ProxBP's outer step",
+    'schedule': 'learning rate over the run: constant, or cosine decay to 0 '
+                'over --epochs',
     'epochs': 'passes over the training set; 0: only prepare the data and '
               'evaluate',
     'batch_size': 'examples per step',
@@ -131,6 +135,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         model='proxprop_convnet', batch_size=500, epochs=3, methods=_methods(
             proxbp=('proxbp', {'tau_prox': 1.0, 'proxbp_outer': 'adam',
                                'proxbp_solver': 'cg3'}, (3e-4, 1e-3, 3e-3)))),
+    'resnet20': dict(  # ResNet-20: SIBP's eta on a grid, the usual baselines
+        model='resnet20', batch_size=128, epochs=5, methods={
+            'sibp_linearized': ('sibp_linearized', {}, (0.03, 0.1, 0.3)),
+            'proxbp': ('proxbp', {}, (1.0,)),
+            'sgd_momentum': ('sgd_momentum', {'schedule': 'cosine'}, (0.1,)),
+            'adam': ('adam', {}, (1e-3,))}),
     'vit': dict(  # a small vision transformer, three rates per method
         model='vit', batch_size=128, epochs=5, methods={
             'sibp_linearized': ('sibp_linearized', {}, (0.01, 0.03, 0.1)),

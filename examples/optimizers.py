@@ -102,6 +102,8 @@ METHODS: dict[str, Method] = {
 PROXBP_ADAM_LEARNING_RATE = 1e-3
 PROXBP_SOLVERS = ('exact', 'cg3', 'cg5', 'cg10')
 PROXBP_OUTERS = ('nesterov', 'adam')
+# Learning-rate schedules over the whole run: constant, or cosine decay to 0.
+SCHEDULES = ('constant', 'cosine')
 
 
 @dataclasses.dataclass
@@ -115,6 +117,7 @@ class Hyperparameters:
   momentum: float = 0.95
   proxbp_solver: str = 'exact'
   proxbp_outer: str = 'nesterov'
+  schedule: str = 'constant'
 
 
 def default_learning_rate(name: str, hp: Any = None) -> float:
@@ -126,9 +129,18 @@ def default_learning_rate(name: str, hp: Any = None) -> float:
 
 
 def create(name: str, learning_rate: float | None = None,
-           hp: Any = None) -> optax.GradientTransformation:
-  """The transformation of ``name`` (default learning rate if ``None``)."""
+           hp: Any = None, total_steps: int | None = None
+           ) -> optax.GradientTransformation:
+  """The transformation of ``name`` (default learning rate if ``None``).
+
+  With ``hp.schedule == 'cosine'`` the learning rate decays from its value
+  to 0 over ``total_steps`` steps (``optax.cosine_decay_schedule``).
+  """
   hp = hp or Hyperparameters()
   if learning_rate is None:
     learning_rate = default_learning_rate(name, hp)
+  if hp.schedule == 'cosine':
+    if not total_steps:
+      raise ValueError("schedule='cosine' needs the run's total_steps")
+    learning_rate = optax.cosine_decay_schedule(learning_rate, total_steps)
   return METHODS[name].make(learning_rate, hp)

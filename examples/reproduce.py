@@ -80,8 +80,14 @@ def _final(metrics, key) -> float:
   return math.nan if value is None else value
 
 
-def summarize(paths: Sequence[str]) -> tuple[str, dict[str, Any]]:
-  """The markdown table of best learning rates, and the chosen runs."""
+def summarize(paths: Sequence[str], select: str = 'train_loss'
+              ) -> tuple[str, dict[str, Any]]:
+  """The markdown table of best learning rates, and the chosen runs.
+
+  Each method's rate is the one of the lowest final training loss
+  (``select='train_loss'``) or of the highest final validation accuracy
+  (``'val_accuracy'``, the held-out images), averaged over seeds.
+  """
   runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
   for path in paths:
     with open(path) as f:
@@ -93,6 +99,8 @@ def summarize(paths: Sequence[str]) -> tuple[str, dict[str, Any]]:
   for (name, lr), group in runs.items():
     loss = float(np.mean([_final(m, 'train_loss') for m in group]))
     key = loss if math.isfinite(loss) else math.inf  # diverged: never best
+    if select == 'val_accuracy' and math.isfinite(loss):
+      key = -float(np.mean([_final(m, 'val_accuracy') for m in group]))
     if name not in best or key < best[name]['key']:
       best[name] = {'lr': lr, 'loss': loss, 'key': key, 'runs': group}
   lines = ['| method | learning rate (grid) | final train loss | '
@@ -124,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> str:
       help="only each grid's middle learning rate (the papers' setting), for "
       'settings too costly to tune')
   add('--plot_out', default=None)
+  add('--select', choices=('train_loss', 'val_accuracy'), default='train_loss',
+      help="each method's learning rate: lowest final training loss, or "
+      'highest final validation accuracy')
   args = parser.parse_args(argv)
   methods = (args.methods.split(',') if args.methods else
              list(config_lib.PRESETS[args.setting]['methods']))
@@ -136,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                     middle_rate_only=args.middle_rate_only)
   except (train.UsageError, input_pipeline.DatasetUnavailableError) as e:
     sys.exit(f'reproduce.py: error: {e}')
-  table, best = summarize(paths)
+  table, best = summarize(paths, args.select)
   print(table)
   with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
     f.write(table + '\n')

@@ -93,8 +93,9 @@ def create_state(config: Config, data: input_pipeline.Data):
   """``(graphdef, state)``: the model and optimizer, K stacked for a sweep."""
   model = models.create_model(config.model, data.input_shape, data.classes,
                               seed=config.seed)
-  make = lambda learning_rate: optimizers.create(config.optimizer,
-                                                 learning_rate, config)
+  total_steps = config.epochs * (len(data.x_train) // config.batch_size)
+  make = lambda learning_rate: optimizers.create(
+      config.optimizer, learning_rate, config, total_steps)
   if config.sweep is None:
     return steps.init_state(model, make(config.learning_rate))
   tx = optax.inject_hyperparams(make)(learning_rate=config.sweep[0])

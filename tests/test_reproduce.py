@@ -62,3 +62,17 @@ def test_a_diverged_rate_is_never_the_best(tmp_path):
   assert best['sgd']['lr'] == 0.1
   assert math.isnan(best['adam']['loss'])  # only a diverged rate: shown
   assert table.splitlines()[2].startswith('| sgd | 0.1 (0.1, 10) |')
+
+
+def test_selection_by_validation_accuracy(tmp_path):
+  """The rate of the lowest loss and of the best held-out accuracy differ."""
+  paths = [_metrics(tmp_path / 'sgd_lr0.1_seed0.json', 0.1, 0.5),
+           _metrics(tmp_path / 'sgd_lr1_seed0.json', 1.0, 0.3)]
+  for path, accuracy in zip(paths, (0.9, 0.8)):
+    with open(path) as f:
+      metrics = json.load(f)
+    metrics['history'][-1]['val_accuracy'] = accuracy
+    with open(path, 'w') as f:
+      json.dump(metrics, f)
+  assert reproduce.summarize(paths)[1]['sgd']['lr'] == 1.0
+  assert reproduce.summarize(paths, 'val_accuracy')[1]['sgd']['lr'] == 0.1

@@ -332,3 +332,23 @@ def test_unconverged_solves_are_counted_per_epoch():
   exact = train.train_and_evaluate(tiny)
   assert 1 <= cg['history'][0]['unconverged_solves'] <= 2  # of 2 layers
   assert exact['history'][0]['unconverged_solves'] == 0
+
+
+def test_cosine_schedule_decays_to_zero_over_the_run():
+  hp = optimizers.Hyperparameters(schedule='cosine')
+  tx = optimizers.create('sgd_momentum', 0.1, hp, total_steps=4)
+  params = {'w': jnp.ones(3)}
+  state = tx.init(params)
+  grads = {'w': jnp.ones(3)}
+  sizes = []
+  for _ in range(6):
+    update, state = tx.update(grads, state, params)
+    sizes.append(float(jnp.abs(update['w'][0])))
+  # Step 0 takes the full rate (times the gradient plus weight decay), the
+  # steps from 4 on none.
+  assert sizes[0] == pytest.approx(0.1 * (1 + 5e-4), rel=1e-6)
+  assert sizes[4] == sizes[5] == 0.0
+  with pytest.raises(ValueError, match='total_steps'):
+    optimizers.create('sgd_momentum', 0.1, hp)
+  c = train.parse_args(['--preset', 'resnet20', '--schedule', 'cosine'])
+  assert (c.model, c.batch_size, c.schedule) == ('resnet20', 128, 'cosine')

@@ -114,8 +114,9 @@ class Ridge:
   columns the kernel's patch (im2col), so the factor is the small
   ``(k·k·c_in + 1)``-square patch Gram matrix, which the Cholesky path
   forms from the input without the patches (:meth:`sibp_jax.Conv.gram`),
-  with ``FᵀR`` as the convolution's kernel gradient. When even the smaller factor
-  would exceed ``max_factor`` on a side (a huge patch at a huge batch), the
+  with ``FᵀR`` as the convolution's kernel gradient. When even the smaller
+  factor would exceed ``max_factor`` on a side (a huge patch at a huge
+  batch), the
   solve is handed to ``fallback``, matrix-free conjugate gradient through
   the layer and its transpose, chosen from the static shapes.
 
