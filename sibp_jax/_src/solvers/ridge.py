@@ -116,9 +116,9 @@ class Ridge:
   forms from the input without the patches (:meth:`sibp_jax.Conv.gram`),
   with ``FᵀR`` as the convolution's kernel gradient. When even the smaller
   factor would exceed ``max_factor`` on a side (a huge patch at a huge
-  batch), the
-  solve is handed to ``fallback``, matrix-free conjugate gradient through
-  the layer and its transpose, chosen from the static shapes.
+  batch), the solve is handed to ``fallback``, matrix-free conjugate
+  gradient through the layer and its transpose, chosen from the static
+  shapes.
 
   **Status.** An exact solve reports ``CONVERGED``, or ``NONFINITE`` where
   its change is not finite. A solve handed to ``fallback`` reports
