@@ -26,6 +26,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -61,15 +62,38 @@ from _models import xent  # noqa: E402
 # its position ids, a broadcast iota, are replicated, and under explicit
 # sharding the backward pass of adding the replicated lookup to the sharded
 # tokens gathers the batch's cotangent, in plain backprop as much as in
-# SIBP. (Ids sharded with the batch need nnx.Embed's out_sharding, which
-# sibp_jax's own replay of the lookup does not pass yet: a
-# ShardingTypeError.)
+# SIBP. The token model (`tokens`: Embed of ids sharded with the batch,
+# tanh, mean over tokens, a dense head) checks the embedding's lookup,
+# counts and scatter under explicit sharding.
 SIZES = (100, 120, 10)
 BATCH = 40
 TOKENS = 5
 
 
+VOCAB = 11
+
+
+class TokenModel(nnx.Module):
+  """Embed ids ``(batch, TOKENS)``, tanh, mean over tokens, Linear head."""
+
+  def __init__(self, seed=0):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(VOCAB, 8, rngs=rngs)
+    self.head = nnx.Linear(8, SIZES[-1], rngs=rngs)
+
+  def __call__(self, ids):
+    spec = jax.typeof(ids).sharding.spec
+    # Under explicit sharding the lookup is told how its rows are split.
+    split = P(spec[0], None, None) if spec and spec[0] else None
+    h = self.embed(ids, out_sharding=split)
+    return self.head(jnp.tanh(h).mean(axis=1))
+
+
 def _data(arch, batch, seed=0):
+  if arch == 'tokens':
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.integers(0, VOCAB, (batch, TOKENS)), jnp.int32),
+            jnp.asarray(rng.integers(0, SIZES[-1], batch), jnp.int32))
   if arch == 'mlp':
     return classification(batch=batch, d_in=SIZES[0], seed=seed)
   if arch == 'transformer':
@@ -83,6 +107,8 @@ def _model(arch):
     return MLP(SIZES)
   if arch == 'transformer':
     return Block(np.float32, tokens=TOKENS)
+  if arch == 'tokens':
+    return TokenModel()
   return ResNet() if arch == 'resnet' else ConvNet()
 
 
@@ -131,6 +157,7 @@ CHECKS = ([('explicit', 'mlp', c) for c in EXACT + ('sibp_linearized_cg',)] +
           [('explicit', 'convnet', c) for c in ('sibp_linearized',
                                                 'proxbp_cg3')] +
           [('explicit', 'resnet', 'sibp_linearized')] +
+          [('explicit', 'tokens', 'sibp_linearized')] +
           [('gspmd', 'mlp', c) for c in EXACT[:2]] +
           [('gspmd', 'transformer', 'sibp_linearized')] +
           [('gspmd_default', 'mlp', 'sibp_linearized')])

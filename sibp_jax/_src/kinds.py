@@ -276,7 +276,11 @@ class Embed:
 
   def apply(self, kernel, bias, inputs):
     """Returns ``kernel[inputs]`` (``+ bias``, which Flax's layers lack)."""
-    out = jnp.take(kernel, inputs, axis=0)
+    # Ids sharded over devices in their type (explicit sharding) must say
+    # how the looked-up rows are split: as the ids, features whole.
+    out = kernel.at[inputs].get(
+        mode='fill', fill_value=jnp.nan,
+        out_sharding=sharding.rows_then(inputs, inputs.ndim + 1))
     return out if bias is None else out + bias
 
   def design(self, inputs, window=()):
@@ -297,9 +301,11 @@ class Embed:
   def gram_diagonal(self, inputs, dtype, row_weights=None):
     """``diag(FᵀWF)``: the count of each id among the rows (each row
     counting its weight), shape ``(V,)``."""
-    w = 1 if row_weights is None else row_weights.reshape(-1).astype(dtype)
-    return jnp.zeros((self.num_embeddings,), dtype).at[
-        inputs.reshape(-1)].add(w)
+    w = 1 if row_weights is None else sharding.reshape_rows(
+        row_weights, (-1,)).astype(dtype)
+    ids = sharding.reshape_rows(inputs, (-1,))
+    return jnp.zeros((self.num_embeddings,), dtype).at[ids].add(
+        w, out_sharding=sharding.replicated(inputs))
 
   def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
     if (len(kernel_shape) != 2 or kernel_shape[0] != self.num_embeddings or

@@ -75,3 +75,24 @@ def reshape_rows(a, shape):
       sharding.mesh,
       jax.sharding.PartitionSpec(sharding.spec[0], *[None] * (len(shape) - 1)))
   return jax.lax.reshape(a, tuple(shape), out_sharding=out)
+
+
+def rows_then(a, ndim: int):
+  """The sharding of an ``ndim``-axis result whose leading axes are ``a``'s
+  (split as ``a``'s) and whose other axes are whole; ``None`` unless
+  ``a``'s rows are sharded in its type."""
+  if not rows_sharded(a):
+    return None
+  sharding = jax.typeof(a).sharding
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  return jax.sharding.NamedSharding(sharding.mesh,
+                                    jax.sharding.PartitionSpec(*spec))
+
+
+def replicated(a):
+  """A whole (unsplit) result on ``a``'s mesh; ``None`` unless ``a``'s rows
+  are sharded in its type (a sum over them, say)."""
+  if not rows_sharded(a):
+    return None
+  return jax.sharding.NamedSharding(jax.typeof(a).sharding.mesh,
+                                    jax.sharding.PartitionSpec())
