@@ -122,6 +122,20 @@ def _flops(compiled) -> float | None:
   return None if value is None or value < 0 else float(value)
 
 
+_HLO_ARRAY = re.compile(r'\b([a-z]+)([0-9]+)\[([0-9,]+)\]')
+
+
+def largest_array(compiled) -> str | None:
+  """The largest array a compiled program names (its optimised HLO), as
+  ``'f32[128,32,32,144]'``: a patch matrix or a Gram shows up here."""
+  best, size = None, 0
+  for kind, bits, dims in _HLO_ARRAY.findall(compiled.as_text() or ''):
+    n = math.prod(int(d) for d in dims.split(',')) * int(bits) // 8
+    if n > size:
+      best, size = f'{kind}{bits}[{dims}]', n
+  return best and f'{best} {size / 2**20:.3g} MiB'
+
+
 def _ratio(value, base):
   return None if value is None or not base else value / base
 
@@ -136,7 +150,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.random((batch, *shape)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-  trainers, memory, flops, compile_seconds = {}, {}, {}, {}
+  trainers, memory, flops, compile_seconds, largest = {}, {}, {}, {}, {}
   for name in methods:
     t = trainers[name] = Trainer(name, model, x, seed)
     start = time.perf_counter()
@@ -145,6 +159,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
     analysis = compiled.memory_analysis()
     memory[name] = analysis and int(analysis.temp_size_in_bytes)
     flops[name] = _flops(compiled)
+    largest[name] = largest_array(compiled)
     t.state = t.step(t.state, x, y)[0]  # warm-up
   times = {name: [] for name in methods}
   for _ in range(rounds):
@@ -160,6 +175,7 @@ def step_cost(methods: Sequence[str], model: str = 'paper_mlp',
       'flops': flops[name],
       'flops_ratio_to_adam': _ratio(flops[name], flops['adam']),
       'compile_seconds': compile_seconds[name],
+      'largest_array': largest[name],
   } for name in methods}
 
 
@@ -391,7 +407,8 @@ def _methods_table(results: dict[str, Any], columns: dict[str, str]) -> str:
 STEP_COLUMNS = {'median_ms': 'median ms', 'ratio_to_adam': 'time / Adam',
                 'memory_ratio_to_adam': 'compiled temp memory / Adam',
                 'flops_ratio_to_adam': 'compiled flops / Adam',
-                'compile_seconds': 'trace + compile s'}
+                'compile_seconds': 'trace + compile s',
+                'largest_array': 'largest array'}
 EPOCH_COLUMNS = {'learning_rate': 'learning rate', 'start_loss': 'start loss',
                  'train_loss': 'train loss after 1 epoch',
                  'update_seconds': 'update seconds'}

@@ -43,8 +43,12 @@ def test_quick_benchmark_reports_every_section(tmp_path):
   for row in step['methods'].values():
     assert set(row) == {'median_ms', 'ratio_to_adam', 'temp_bytes',
                         'memory_ratio_to_adam', 'flops',
-                        'flops_ratio_to_adam', 'compile_seconds'}
+                        'flops_ratio_to_adam', 'compile_seconds',
+                        'largest_array'}
     assert row['compile_seconds'] > 0
+    # The MLP's largest array at batch 100: its 784 × 500 kernel at least.
+    shape = row['largest_array'].split('[')[1].split(']')[0]
+    assert math.prod(int(d) for d in shape.split(',')) >= 784 * 500
     # XLA:CPU reports a cost analysis; a step does at least Adam's forward
     # pass and gradient, so no method counts far fewer flops.
     assert row['flops'] > 0 and row['flops_ratio_to_adam'] > 0.5
