@@ -9,10 +9,13 @@ of the design matrix's normal equations.
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import sibp_jax
 from sibp_jax._src import conv_gram
@@ -143,3 +146,88 @@ def test_exact_solve_holds_no_patch_matrix(strides):
   assert largest <= max(padded_input, gram) < patches, (largest, patches)
   # What the design-matrix path held: the patches themselves.
   assert _largest_buffer(sibp_jax.Ridge('woodbury').solve, problem) >= patches
+
+
+class Upsampler(nnx.Module):
+  """Conv, then ConvTranspose (stride 2) back up, then a dense head."""
+
+  def __init__(self, padding, seed=0):
+    kw = dict(rngs=nnx.Rngs(seed), param_dtype=jnp.float64)
+    self.down = nnx.Conv(2, 3, (3, 3), strides=2, **kw)
+    self.up = nnx.ConvTranspose(3, 4, (3, 2), strides=(2, 3),
+                                padding=padding, **kw)
+    self.head = nnx.Linear(4, 3, **kw)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.up(jnp.tanh(self.down(x))))
+    return self.head(h.mean(axis=(1, 2)))
+
+
+class LinenUpsampler(nn.Module):
+  padding: object
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(param_dtype=jnp.float64)
+    h = jnp.tanh(nn.Conv(3, (3, 3), strides=2, name='down', **kw)(x))
+    h = jax.nn.relu(nn.ConvTranspose(4, (3, 2), strides=(2, 3),
+                                     padding=self.padding, name='up',
+                                     **kw)(h))
+    return nn.Dense(3, name='head', **kw)(h.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((2, 1), (0, 2))])
+def test_conv_transpose_is_solved_by_the_layer_rule(padding):
+  """The recorded kind reproduces Flax's ConvTranspose, and ProxBP's
+  direction tends to τ times the gradient for its kernel and bias (it would
+  equal the gradient itself if the layer were left to the gradient)."""
+  model = Upsampler(padding)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 8, 9, 2)))
+  y = jnp.asarray(rng.integers(0, 3, 3))
+  loss_fn = optax.softmax_cross_entropy_with_integer_labels
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=loss_fn)
+  up = [p for p in problems.layers if 'up' in str(p.kernel_path)]
+  assert len(up) == 1 and up[0].kind.input_dilation == (2, 3)
+  expected = model.up(jnp.tanh(model.down(x)))
+  np.testing.assert_allclose(
+      up[0].kind.apply(model.up.kernel[...], model.up.bias[...],
+                       up[0].inputs), expected, rtol=1e-12, atol=1e-12)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.as_pure(grads)
+  tau = 1e-10
+  tx = sibp_jax.scale_by_proxbp(tau)
+  direction = tx.update(grads, tx.init(params), params,
+                        problems=problems)[0]
+  for name in ('kernel', 'bias'):
+    got, grad = direction['up'][name], grads['up'][name]
+    # float64: the proximal solve's next term is τ‖FᵀF‖ ≈ 1e-7 relative.
+    np.testing.assert_allclose(np.asarray(got) / tau, grad, rtol=1e-5,
+                               atol=1e-12)
+  # linen: the same layer, the same problem and solve.
+  lparams = {name: {k: jnp.asarray(v) for k, v in layer.items()}
+             for name, layer in params.items()}
+  _, lgrads, lproblems = sibp_jax.linen.value_grad_and_problems(
+      LinenUpsampler(padding), lparams, x, y, loss_fn=loss_fn)
+  lup = [p for p in lproblems.layers if 'up' in str(p.kernel_path)]
+  assert lup[0].kind == up[0].kind
+  ldirection = tx.update(lgrads, tx.init(lparams), lparams,
+                         problems=lproblems)[0]
+  np.testing.assert_allclose(ldirection['up']['kernel'],
+                             direction['up']['kernel'], rtol=1e-9)
+
+
+def test_transposed_kernel_is_refused_by_name():
+  class Net(nnx.Module):
+    def __init__(self):
+      self.up = nnx.ConvTranspose(2, 3, (3, 3), strides=2,
+                                  transpose_kernel=True, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.up(x).mean(axis=(1, 2))
+
+  x, y = jnp.ones((2, 4, 4, 2)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="'up'.*transpose_kernel"):
+    sibp_jax.nnx.value_grad_and_problems(
+        Net(), x, y, loss_fn=optax.softmax_cross_entropy_with_integer_labels)

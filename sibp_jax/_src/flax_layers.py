@@ -129,6 +129,56 @@ def _conv(module, name: str, input_shape: Sequence[int]):
       kernel_dilation=dilation)
 
 
+def _transpose_pads(window, strides, dilation, padding):
+  """Explicit pads of a transposed convolution's ``'SAME'``/``'VALID'``
+  padding, as ``lax.conv_transpose`` sets them (per axis: the dilated
+  kernel's size ``k`` and the stride ``s``)."""
+  pads = []
+  for k, s, d in zip(window, strides, dilation):
+    k = (k - 1) * d + 1
+    if padding == 'SAME':
+      total = k + s - 2
+      low = k - 1 if s > k - 1 else -(-total // 2)
+    else:
+      total = k + s - 2 + max(k - s, 0)
+      low = k - 1
+    pads.append((low, total - low))
+  return tuple(pads)
+
+
+def _conv_transpose(module, name: str, input_shape: Sequence[int]):
+  """The :class:`sibp_jax.Conv` (input-dilated) of a ``ConvTranspose``.
+
+  Raises:
+    ValueError: for a flipped kernel (``transpose_kernel=True``), a masked
+      kernel or circular padding, naming the layer.
+  """
+  nd = len(input_shape) - 2
+  if nd not in (1, 2, 3):
+    raise ValueError(
+        f"layer '{name}': a transposed convolution needs inputs of shape "
+        f'(batch, spatial..., channels) with 1 to 3 spatial axes, got '
+        f'{input_shape}')
+  if module.transpose_kernel:
+    raise ValueError(f"layer '{name}': transpose_kernel=True (a flipped "
+                     'kernel) is not supported')
+  if module.mask is not None:
+    raise ValueError(f"layer '{name}': masked kernels are not supported")
+  window = _per_axis(module.kernel_size, nd, 'kernel_size', name)
+  strides = _per_axis(module.strides, nd, 'strides', name)
+  dilation = _per_axis(module.kernel_dilation, nd, 'kernel_dilation', name)
+  padding = nn.linear.canonicalize_padding(module.padding, nd)
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      raise ValueError(f"layer '{name}': {padding} padding is not supported; "
+                       "use 'SAME', 'VALID' or explicit zero padding")
+    padding = _transpose_pads(window, strides, dilation, padding)
+  return kinds.Conv(
+      strides=(1,) * nd,
+      padding=tuple((int(lo), int(hi)) for lo, hi in padding),
+      kernel_dilation=dilation, input_dilation=strides)
+
+
 def _dense_general(module, name: str, input_shape: Sequence[int]):
   """The :class:`sibp_jax.DenseGeneral` of a LinearGeneral / DenseGeneral."""
   ndim = len(input_shape)
@@ -199,6 +249,8 @@ def _einsum(module, name: str, input_shape: Sequence[int]):
 LAYERS: tuple[LayerType, ...] = (
     LayerType((nnx.Linear,), (nn.Dense,), 'kernel', 'bias', _dense),
     LayerType((nnx.Conv,), (nn.Conv,), 'kernel', 'bias', _conv),
+    LayerType((nnx.ConvTranspose,), (nn.ConvTranspose,), 'kernel', 'bias',
+              _conv_transpose),
     LayerType((nnx.LinearGeneral,), (nn.DenseGeneral,), 'kernel', 'bias',
               _dense_general),
     LayerType((nnx.Embed,), (nn.Embed,), 'embedding', None, _embed,

@@ -100,23 +100,40 @@ class Conv:
   ``design(f, window) @ K.reshape(-1, out)`` equals the convolution's rows.
   The exact solves use :meth:`gram` instead, ``FᵀF`` without the patches.
 
+  A transposed convolution (``nnx.ConvTranspose``, ``linen.ConvTranspose``)
+  is the same map on the input dilated by its strides (``input_dilation``,
+  ``s - 1`` zeros between neighbours) with window strides 1: its patches
+  and Gram are those of the dilated input.
+
   Attributes:
     strides: the window strides, one per spatial axis.
     padding: explicit ``(low, high)`` zero padding per spatial axis.
     kernel_dilation: the kernel's dilation per spatial axis.
+    input_dilation: the input's dilation per spatial axis (``None``: 1, a
+      plain convolution).
   """
 
   strides: tuple[int, ...]
   padding: tuple[tuple[int, int], ...]
   kernel_dilation: tuple[int, ...]
+  input_dilation: tuple[int, ...] | None = None
 
   def _specs(self):
     return _CONV_SPECS[len(self.strides)]
+
+  def _dilated(self, inputs):
+    """The input with ``input_dilation - 1`` zeros between neighbours."""
+    if self.input_dilation is None or set(self.input_dilation) == {1}:
+      return inputs
+    pads = [(0, 0, 0)] + [(0, 0, d - 1) for d in self.input_dilation] + [
+        (0, 0, 0)]
+    return jax.lax.pad(inputs, jnp.zeros((), inputs.dtype), pads)
 
   def apply(self, kernel, bias, inputs):
     """Returns ``conv(inputs, kernel) + bias`` (``bias`` may be ``None``)."""
     out = jax.lax.conv_general_dilated(
         inputs, kernel, self.strides, self.padding,
+        lhs_dilation=self.input_dilation,
         rhs_dilation=self.kernel_dilation, dimension_numbers=self._specs(),
         precision=PRECISION)
     return out if bias is None else out + bias
@@ -131,6 +148,7 @@ class Conv:
     with an identity kernel (``k²·c`` output channels, as many
     multiply-adds as the patch Gram matrix itself).
     """
+    inputs = self._dilated(inputs)
     pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in self.padding] + [
         (0, 0, 0)]
     padded = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype), pads)
@@ -161,8 +179,9 @@ class Conv:
     a ``k × k`` window instead of the ``k⁴`` of the patches' Gram; the others
     one product per pair of window offsets (``conv_gram`` says how).
     """
-    return conv_gram.gram(inputs, window, self.strides, self.padding,
-                          self.kernel_dilation, row_weights, PRECISION)
+    return conv_gram.gram(self._dilated(inputs), window, self.strides,
+                          self.padding, self.kernel_dilation, row_weights,
+                          PRECISION)
 
   def output_rows(self, outputs):
     return sharding.reshape_rows(outputs, (-1, outputs.shape[-1]))
