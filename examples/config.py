@@ -137,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                'proxbp_solver': 'cg3'}, (3e-4, 1e-3, 3e-3)))),
     'resnet20': dict(  # ResNet-20: SIBP's eta on a grid, the usual baselines
         model='resnet20', batch_size=128, epochs=5, methods={
-            'sibp_linearized': ('sibp_linearized', {}, (0.03, 0.1, 0.3)),
+            'sibp_linearized': ('sibp_linearized', {}, (0.03, 0.1, 0.3, 1.0)),
             'proxbp': ('proxbp', {}, (1.0,)),
             'sgd_momentum': ('sgd_momentum', {'schedule': 'cosine'}, (0.1,)),
             'adam': ('adam', {}, (1e-3,))}),
