@@ -71,6 +71,22 @@ METHODS = {name: (name, {}) for name in (
     'sibp_linearized', 'sibp_paper', 'proxbp', 'proxbp_cg3', 'sgd',
     'sgd_momentum', 'adam', 'adamw', 'muon', 'schedule_free_adamw')}
 METHODS['proxbp_cg3'] = ('proxbp', {'proxbp_solver': 'cg3'})
+# SIBP beyond the paper's step, and the baselines with the same schedule
+# (the learning rate decays to 0 over the run by a cosine).
+METHODS.update({
+    'sibp_cosine': ('sibp_linearized', {'schedule': 'cosine'}),
+    'sibp_warmup_cosine': ('sibp_linearized', {'schedule': 'warmup_cosine'}),
+    'sibp_adam': ('sibp_adam', {}), 'sibp_nesterov': ('sibp_nesterov', {}),
+    'sibp_adam_cosine': ('sibp_adam', {'schedule': 'cosine'}),
+    'adam_cosine': ('adam', {'schedule': 'cosine'}),
+    'muon_cosine': ('muon', {'schedule': 'cosine'})})
+# Learning-rate grids besides the registry's (the same three values per
+# method): SIBP's eta for the tuned tables, the larger rates a decaying
+# schedule allows.
+GRIDS = {'sibp_linearized': (0.1, 0.3, 1.0), 'sibp_cosine': (0.3, 1.0, 3.0),
+         'sibp_warmup_cosine': (0.3, 1.0, 3.0),
+         'sibp_adam_cosine': (3e-3, 1e-2, 3e-2),
+         'adam_cosine': (1e-3, 3e-3, 1e-2), 'muon_cosine': (0.02, 0.05, 0.1)}
 STEP_MODELS = {  # model -> (example shape, batch size)
     'paper_mlp': ((784,), 100), 'proxprop_mlp': ((32, 32, 3), 500),
     'proxprop_convnet': ((32, 32, 3), 500), 'resnet20': ((32, 32, 3), 128),
@@ -84,16 +100,17 @@ class Trainer:
   def __init__(self, name: str, model: str, x, seed: int = 0,
                learning_rate: float | None = None,
                rates: Sequence[float] | None = None,
-               sweep: Callable[[Any, Any], Any] | None = None):
+               sweep: Callable[[Any, Any], Any] | None = None,
+               total_steps: int = 1000):
     key, hp = METHODS[name]
     self.method = optimizers.METHODS[key]
     hp = optimizers.Hyperparameters(**hp)
-    if rates is None:
-      tx = optimizers.create(key, learning_rate, hp)
+    if rates is None:  # ``total_steps``: a schedule's length
+      tx = optimizers.create(key, learning_rate, hp, total_steps)
     else:  # K runs, one per learning rate or value of ``sweep(hp, value)``
       tx = optax.inject_hyperparams(lambda value: optimizers.create(
           key, learning_rate if sweep else value,
-          sweep(hp, value) if sweep else hp))(value=rates[0])
+          sweep(hp, value) if sweep else hp, total_steps))(value=rates[0])
     net = models.create_model(model, x.shape[1:], 10, seed=seed)
     self.graphdef, self.state = steps.init_state(net, tx)
     if rates is not None:
@@ -185,7 +202,8 @@ def train_curve(name: str, x, y, learning_rate: float | None, *,
                 seed: int = 0) -> list[tuple[float, float, float]]:
   """``(epoch, update seconds, full loss)`` at each evaluation of one run,
   which stops at its first evaluation at or below ``target``."""
-  t = Trainer(name, 'paper_mlp', x, seed, learning_rate)
+  t = Trainer(name, 'paper_mlp', x, seed, learning_rate,
+              total_steps=epochs * (len(x) // batch))
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   curve = [(0.0, 0.0, t.loss(t.state, xs, ys)[0])]
   per_epoch = len(x) // batch
@@ -230,7 +248,7 @@ def vmapped_runs(name: str, x, y, rates: Sequence[float], batch: int = 100,
   of ``epochs`` epochs as ONE compiled program, one per learning rate, or
   per value of ``sweep(hp, value) -> hp`` (all then at ``learning_rate``)."""
   t = Trainer(name, 'paper_mlp', x, seed, learning_rate, rates=rates,
-              sweep=sweep)
+              sweep=sweep, total_steps=epochs * (len(x) // batch))
   xs, ys = jnp.asarray(x), jnp.asarray(y)
   batches = jnp.asarray(np.concatenate([
       steps.epoch_batches(len(x), batch, seed, e) for e in range(epochs)]))
@@ -261,13 +279,14 @@ def best_learning_rates(methods: Sequence[str], x, y, table: str | None,
       out[name] = {'learning_rate': rows[key],
                    'source': f'{os.path.basename(table)}, row {key}'}
       continue
-    grid = optimizers.METHODS[METHODS[name][0]].grid
+    grid = GRIDS.get(name) or optimizers.METHODS[METHODS[name][0]].grid
     t, state, _ = vmapped_runs(name, x, y, grid, seed=seed)
     losses = np.array(t.loss(state, jnp.asarray(x), jnp.asarray(y)))
     losses = np.where(np.isfinite(losses), losses, np.inf)
     out[name] = {'learning_rate': float(grid[int(np.argmin(losses))]),
                  'source': 'best after one epoch of grid ' +
-                           ', '.join(f'{lr:g}' for lr in grid)}
+                           ', '.join(f'{lr:g} ({loss:.3g})'
+                                     for lr, loss in zip(grid, losses))}
   return out
 
 
@@ -437,8 +456,11 @@ def _section_markdown(name: str, res: Any) -> list[str]:
             + _methods_table(r['methods'], STEP_COLUMNS)
             for model, r in res.items()]
   if name == 'epoch':
-    return ['**One epoch**, `paper_mlp`, batch 100:\n\n'
-            + _methods_table(res, EPOCH_COLUMNS)]
+    tuned = any('grid' in row for row in res.values())
+    columns = {**EPOCH_COLUMNS, 'grid': 'grid (loss)'} if tuned else (
+        EPOCH_COLUMNS)
+    return ['**One epoch**, `paper_mlp`, batch 100:\n\n' + _methods_table(
+        {k: {'grid': '', **row} for k, row in res.items()}, columns)]
   if name == 'target':
     caption = (
         f'{res["train_examples"]} training examples: target = Adam\'s full '
@@ -517,6 +539,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       '30 for paper_mlp, 5 for the ProxBP models)')
   add('--learning_rates', default='', metavar='NAME=LR,...',
       help='epoch: these rates instead of the registry defaults')
+  add('--tune', action='store_true',
+      help="epoch: each method at the best rate of its grid (GRIDS, else "
+      "the registry's) after one epoch, one vmapped program per method")
   add('--table', default=None, help='target: take the learning rates from '
       'this table of examples/reproduce.py (default: tune on the grid)')
   add('--train_examples', type=int, default=None,
@@ -583,8 +608,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x, y, x_test, y_test = load_data(args)
   if 'epoch' in sections:
     xe, ye = _subsample(x, y, 2000 if args.quick else None, args.seed)
-    out['epoch'] = one_epoch(methods, xe, ye, seed=args.seed,
-                             rates=args.learning_rates)
+    tuned = (best_learning_rates(methods, xe, ye, None, args.seed)
+             if args.tune else {})
+    out['epoch'] = one_epoch(methods, xe, ye, seed=args.seed, rates={
+        **{k: v['learning_rate'] for k, v in tuned.items()},
+        **args.learning_rates})
+    for name, row in tuned.items():
+      out['epoch'][name]['grid'] = row['source']
     print(*_section_markdown('epoch', out['epoch']), flush=True)
   if 'target' in sections:
     xt, yt = _subsample(x, y, args.train_examples, args.seed)

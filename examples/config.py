@@ -85,7 +85,10 @@ HELP = {
                 'outer step)',
     'proxbp_solver': 'exact, or N conjugate-gradient steps',
     'proxbp_outer': "ProxBP's outer step",
+    'sibp_eta': "sibp_adam, sibp_nesterov: SIBP's neuron step eta (the "
+                'learning rate is the outer optimizer\'s)',
     'schedule': 'learning rate over the run: constant, or cosine decay to 0 '
+                '(warmup_cosine: after a linear warm-up over the first twentieth) '
                 'over --epochs',
     'epochs': 'passes over the training set; 0: only prepare the data and '
               'evaluate',
@@ -125,8 +128,11 @@ def _methods(**changes) -> dict[str, tuple[str, dict[str, Any], Any]]:
 # The papers' settings. ``methods``: reproduction label -> (optimizer,
 # extra settings, learning-rate grid or None for the registry's).
 PRESETS: dict[str, dict[str, Any]] = {
-    'sibp': dict(  # the SIBP authors' run
-        model='paper_mlp', batch_size=100, epochs=5, methods=_methods()),
+    'sibp': dict(  # the SIBP authors' run, and SIBP's direction into Adam
+        model='paper_mlp', batch_size=100, epochs=5, methods=_methods(
+            sibp_adam=('sibp_adam', {'schedule': 'cosine'},
+                       (3e-3, 1e-2, 3e-2)),
+            muon_cosine=('muon', {'schedule': 'cosine'}, (0.05,)))),
     'proxprop_mlp': dict(  # the ProxBP authors' MLP, Nesterov backprop
         model='proxprop_mlp', batch_size=500, epochs=5, methods=_methods(
             proxbp=('proxbp', {'tau_prox': 0.05}, None),
@@ -140,7 +146,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             'sibp_linearized': ('sibp_linearized', {}, (0.03, 0.1, 0.3, 1.0)),
             'proxbp': ('proxbp', {}, (1.0,)),
             'sgd_momentum': ('sgd_momentum', {'schedule': 'cosine'}, (0.1,)),
-            'adam': ('adam', {}, (1e-3,))}),
+            'adam': ('adam', {}, (1e-3,)),
+            'sibp_adam': ('sibp_adam', {'schedule': 'cosine'}, (1e-2,)),
+            'muon': ('muon', {}, (0.02,))}),
     'vit': dict(  # a small vision transformer, three rates per method
         model='vit', batch_size=128, epochs=5, methods={
             'sibp_linearized': ('sibp_linearized', {}, (0.01, 0.03, 0.1)),

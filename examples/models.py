@@ -17,7 +17,8 @@ name:
 * ``vit``: a small vision transformer (:class:`ViT`): patches, learned
   positions from ``nnx.Embed``, pre-norm attention blocks.
 * ``char_lm``: a small decoder-only character language model
-  (:class:`CharLM`): causal attention blocks, an untied output head;
+  (:class:`CharLM`): causal attention blocks, the output tied to the
+  token table;
   character ids ``(batch, tokens)`` in, next-character logits ``(batch,
   tokens, vocab)`` out.
 
@@ -293,25 +294,23 @@ class CharLM(nnx.Module):
   for every example's positions, as in :class:`ViT`); then ``depth``
   pre-norm blocks of causal ``nnx.MultiHeadAttention`` (``heads`` heads,
   each token attends to itself and the tokens before it) and a GELU MLP, a
-  final ``LayerNorm`` and an output head ``Linear(width → vocab)``: logits
-  ``(batch, tokens, vocab)`` of every next character.
-
-  The output head is its own ``nnx.Linear``, not tied to the token table
-  (``Embed.attend``): sibp_jax solves each layer's weights from that
-  layer's own map and refuses a table used by two maps, so tied embeddings
-  cannot be trained with SIBP or ProxBP today.
+  final ``LayerNorm`` and the output projection tied to the token table
+  (``tokens.attend``): logits ``(batch, tokens, vocab)`` of every next
+  character. sibp_jax solves the table from both of its uses at once.
   """
 
   def __init__(self, vocab: int, context: int, *, width: int = 64,
                depth: int = 2, heads: int = 4, seed: int = 0):
     rngs = nnx.Rngs(seed)
     self.context = context
-    self.tokens = nnx.Embed(vocab, width, rngs=rngs)
+    # Small, as GPT-2's: the table is also the output projection, whose
+    # logits start near 0 (a loss near log(vocab)).
+    self.tokens = nnx.Embed(vocab, width, rngs=rngs,
+                            embedding_init=nnx.initializers.normal(0.02))
     self.positions = nnx.Embed(context, width, rngs=rngs)
     self.blocks = nnx.List([_EncoderBlock(width, heads, rngs)
                             for _ in range(depth)])
     self.norm = nnx.LayerNorm(width, rngs=rngs)
-    self.head = nnx.Linear(width, vocab, rngs=rngs)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     if ids.shape[1] > self.context:
@@ -321,7 +320,7 @@ class CharLM(nnx.Module):
     mask = nnx.make_causal_mask(ids)
     for block in self.blocks:
       h = block(h, mask)
-    return self.head(self.norm(h))
+    return self.tokens.attend(self.norm(h))
 
 
 MODELS = ('paper_mlp', 'proxprop_mlp', 'proxprop_convnet', 'resnet20',

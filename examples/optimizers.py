@@ -10,6 +10,10 @@ optimizers here.
   variant (the library default); ``sibp_paper``: the authors' nonlinear-CG
   fit through the activation. The learning rate is ``η``, the step on the
   neurons.
+* ``sibp_adam`` / ``sibp_nesterov``: SIBP's direction at ``η =
+  sibp_eta`` (0.1) handed to Adam / Nesterov SGD (``sibp(..., outer=)``);
+  the learning rate is the outer optimizer's. ``sibp_adam`` with
+  ``schedule='cosine'`` is the recipe of docs/performance.md.
 * ``proxbp``: ``sibp_jax.proxbp`` with Nesterov (or Adam) outside.
 * ``sgd``, ``nesterov``, ``adam``, ``adamw`` (weight decay 1e-4, the
   usual transformer baseline): optax on the plain gradient;
@@ -59,6 +63,14 @@ def _sibp(variant: str | None):
   return make
 
 
+def _sibp_outer(outer):
+  """SIBP's direction at ``η = hp.sibp_eta`` into ``outer(lr, hp)``."""
+  def make(lr, hp):
+    return sibp_jax.sibp(hp.sibp_eta, lambda_w=hp.lambda_w,
+                         lambda_b=hp.lambda_b, outer=outer(lr, hp))
+  return make
+
+
 def _proxbp(lr, hp):
   solver = ('exact' if hp.proxbp_solver == 'exact' else
             sibp_jax.ConjugateGradient(int(hp.proxbp_solver[2:])))
@@ -79,6 +91,12 @@ METHODS: dict[str, Method] = {
     'sibp': Method(_sibp(None), True, 0.1, (0.1,)),
     'sibp_paper': Method(_sibp('paper'), True, 0.1, (0.1,)),
     'sibp_linearized': Method(_sibp('linearized'), True, 0.1, (0.1,)),
+    'sibp_adam': Method(_sibp_outer(lambda lr, hp: optax.adam(lr)), True,
+                        3e-3, (1e-3, 3e-3, 1e-2)),
+    'sibp_nesterov': Method(
+        _sibp_outer(lambda lr, hp: optax.sgd(lr, momentum=hp.momentum,
+                                             nesterov=True)),
+        True, 0.01, (0.003, 0.01, 0.03)),
     'proxbp': Method(_proxbp, True, 1.0, (0.3, 1.0, 3.0)),
     'sgd': Method(lambda lr, hp: optax.sgd(lr), False, 0.1, (0.03, 0.1, 0.3)),
     'nesterov': Method(
@@ -102,8 +120,10 @@ METHODS: dict[str, Method] = {
 PROXBP_ADAM_LEARNING_RATE = 1e-3
 PROXBP_SOLVERS = ('exact', 'cg3', 'cg5', 'cg10')
 PROXBP_OUTERS = ('nesterov', 'adam')
-# Learning-rate schedules over the whole run: constant, or cosine decay to 0.
-SCHEDULES = ('constant', 'cosine')
+# Learning-rate schedules over the whole run: constant, cosine decay to 0,
+# or the same decay after a linear warm-up from 0 over the first 5 %.
+SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
+WARMUP_FRACTION = 0.05
 
 
 @dataclasses.dataclass
@@ -118,6 +138,7 @@ class Hyperparameters:
   proxbp_solver: str = 'exact'
   proxbp_outer: str = 'nesterov'
   schedule: str = 'constant'
+  sibp_eta: float = 0.1
 
 
 def default_learning_rate(name: str, hp: Any = None) -> float:
@@ -134,13 +155,21 @@ def create(name: str, learning_rate: float | None = None,
   """The transformation of ``name`` (default learning rate if ``None``).
 
   With ``hp.schedule == 'cosine'`` the learning rate decays from its value
-  to 0 over ``total_steps`` steps (``optax.cosine_decay_schedule``).
+  to 0 over ``total_steps`` steps (``optax.cosine_decay_schedule``);
+  ``'warmup_cosine'`` first rises linearly from 0 over
+  ``WARMUP_FRACTION`` of them.
   """
   hp = hp or Hyperparameters()
   if learning_rate is None:
     learning_rate = default_learning_rate(name, hp)
-  if hp.schedule == 'cosine':
+  if hp.schedule != 'constant':
     if not total_steps:
-      raise ValueError("schedule='cosine' needs the run's total_steps")
-    learning_rate = optax.cosine_decay_schedule(learning_rate, total_steps)
+      raise ValueError(f'schedule={hp.schedule!r} needs the run\'s '
+                       'total_steps')
+    warmup = (round(WARMUP_FRACTION * total_steps)
+              if hp.schedule == 'warmup_cosine' else 0)
+    # A shape of peak 1, scaled: the peak may be a traced value (a sweep).
+    shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total_steps)
+    peak = learning_rate
+    learning_rate = lambda count: peak * shape(count)
   return METHODS[name].make(learning_rate, hp)

@@ -80,13 +80,23 @@ def _final(metrics, key) -> float:
   return math.nan if value is None else value
 
 
-def summarize(paths: Sequence[str], select: str = 'train_loss'
+def to_target(metrics, target: float) -> tuple[float, float] | None:
+  """``(epoch, update seconds)`` of the first evaluation whose validation
+  accuracy is at least ``target`` (``None``: never)."""
+  return next(((e['epoch'], e['seconds']) for e in metrics['history']
+               if (e.get('val_accuracy') or 0.0) >= target), None)
+
+
+def summarize(paths: Sequence[str], select: str = 'train_loss',
+              target_accuracy: float | None = None
               ) -> tuple[str, dict[str, Any]]:
   """The markdown table of best learning rates, and the chosen runs.
 
   Each method's rate is the one of the lowest final training loss
   (``select='train_loss'``) or of the highest final validation accuracy
-  (``'val_accuracy'``, the held-out images), averaged over seeds.
+  (``'val_accuracy'``, the held-out images), averaged over seeds. With
+  ``target_accuracy`` a column gives each seed's epoch and update seconds
+  to that validation accuracy (``–``: not reached).
   """
   runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
   for path in paths:
@@ -103,16 +113,23 @@ def summarize(paths: Sequence[str], select: str = 'train_loss'
       key = -float(np.mean([_final(m, 'val_accuracy') for m in group]))
     if name not in best or key < best[name]['key']:
       best[name] = {'lr': lr, 'loss': loss, 'key': key, 'runs': group}
-  lines = ['| method | learning rate (grid) | final train loss | '
-           'test accuracy | update seconds | seeds |',
-           '|---|---|---|---|---|---|']
+  target = ([] if target_accuracy is None else
+            [f'epoch, update s to val acc {target_accuracy:g}'])
+  lines = ['| ' + ' | '.join(['method', 'learning rate (grid)',
+                              'final train loss', 'test accuracy',
+                              'update seconds', *target, 'seeds']) + ' |',
+           '|---' * (6 + len(target)) + '|']
   for name, b in sorted(best.items(), key=lambda kv: kv[1]['key']):
     grid = ', '.join(f'{lr:g}' for lr in sorted(
         lr for (n, lr) in runs if n == name))
     values = [np.array([_final(m, key) for m in b['runs']])
               for key in ('train_loss', 'test_accuracy', 'seconds')]
-    lines.append(f'| {name} | {b["lr"]:g} ({grid}) | ' + ' | '.join(
-        f'{v.mean():.4f} ± {v.std():.4f}' for v in values)
+    cells = [f'{v.mean():.4f} ± {v.std():.4f}' for v in values]
+    if target:
+      hits = [to_target(m, target_accuracy) for m in b['runs']]
+      cells.append('; '.join('–' if h is None else f'{h[0]}, {h[1]:.0f}'
+                             for h in hits))
+    lines.append(f'| {name} | {b["lr"]:g} ({grid}) | ' + ' | '.join(cells)
                  + f' | {len(b["runs"])} |')
   return '\n'.join(lines), best
 
@@ -132,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> str:
       help="only each grid's middle learning rate (the papers' setting), for "
       'settings too costly to tune')
   add('--plot_out', default=None)
+  add('--target_accuracy', type=float, default=None,
+      help='add a column: epoch and update seconds to this validation '
+      'accuracy')
   add('--select', choices=('train_loss', 'val_accuracy'), default='train_loss',
       help="each method's learning rate: lowest final training loss, or "
       'highest final validation accuracy')
@@ -147,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                     middle_rate_only=args.middle_rate_only)
   except (train.UsageError, input_pipeline.DatasetUnavailableError) as e:
     sys.exit(f'reproduce.py: error: {e}')
-  table, best = summarize(paths, args.select)
+  table, best = summarize(paths, args.select, args.target_accuracy)
   print(table)
   with open(os.path.join(args.out_dir, 'table.md'), 'w') as f:
     f.write(table + '\n')

@@ -4,6 +4,7 @@ from sibp_jax import linen
 from sibp_jax import nnx
 from sibp_jax._src.alias import proxbp
 from sibp_jax._src.alias import sibp
+from sibp_jax._src.kinds import Attend
 from sibp_jax._src.kinds import Conv
 from sibp_jax._src.kinds import Dense
 from sibp_jax._src.kinds import DenseGeneral
@@ -31,6 +32,7 @@ from sibp_jax._src.transform import skip_outer_on_bad_step
 __version__ = '0.1.0'
 
 __all__ = (
+    'Attend',
     'ConjugateGradient',
     'Conv',
     'Dense',

@@ -160,7 +160,9 @@ class Twice(nnx.Module):
     self.b = nnx.Linear(6, 3, rngs=nnx.Rngs(1))
 
   def __call__(self, x):
-    return self.b(jax.nn.relu(self.a(jax.nn.relu(self.a(x)))))
+    # Shared, but once per example and once per example and position.
+    return self.b(jax.nn.relu(self.a(x)) +
+                  jax.nn.relu(self.a(x[:, None, :])).mean(axis=1))
 
 
 class SoftmaxAfter(nnx.Module):
@@ -199,7 +201,7 @@ class Grouped(nnx.Module):
 
 
 @pytest.mark.parametrize('model,match', [
-    (Twice(), "'a' is applied more than once"),
+    (Twice(), "'a' is applied more than once with inputs of different"),
     (SoftmaxAfter(), "output must be the output of its last linear layer"),
     (Branches(), "output of layer 'a' does not reach any later linear layer"),
     (NoLinear(), r"parameters belong to no layer .*: 'w' \(NoLinear\)"),

@@ -118,3 +118,43 @@ def test_inject_hyperparams_schedule_counts_skipped_steps():
   _, state = tx.update(good[0], state, params, problems=good[2])
   assert float(state.hyperparams['learning_rate']) == pytest.approx(
       float(schedule(2)))
+
+
+def test_sibp_outer_gets_the_direction(inputs):
+  """``outer`` sees ``D = (θ − θ^SIBP)/η``: SGD at ``α`` moves ``α/η`` of
+  the SIBP step, Adam keeps its own moments, and the default is the plain
+  SIBP step."""
+  params = inputs[1]
+  plain = _new_params(sibp_jax.sibp(LR), inputs)
+  chex.assert_trees_all_close(_new_params(sibp_jax.sibp(
+      LR, outer=optax.scale_by_learning_rate(LR)), inputs), plain, **TOL)
+  alpha = 0.03
+  sgd = _new_params(sibp_jax.sibp(LR, outer=optax.sgd(alpha)), inputs)
+  chex.assert_trees_all_close(sgd, jax.tree.map(
+      lambda p, q: q + alpha / LR * (p - q), plain, params), **TOL)
+  state = sibp_jax.sibp(LR, outer=optax.adam(1e-3)).init(params)
+  assert isinstance(state.outer[0], optax.ScaleByAdamState)
+  assert sibp_jax.sibp(LR, outer=optax.adam(1e-3)).update(
+      inputs[0], state, params, problems=inputs[2])[1].outer[0].count == 1
+
+
+def test_sibp_step_of_size_zero_moves_nothing_and_counts():
+  """A warm-up from η = 0: the first step moves nothing, is not flagged as
+  a bad step, and advances the count, so the schedule goes on (0/0 in the
+  direction used to skip every step for ever)."""
+  model = MLP((6, 8, 3))
+  grads, params, problems = step_inputs(model, *classification())
+  tx = sibp_jax.sibp(optax.linear_schedule(0.0, 0.1, 5))
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params, problems=problems)
+  assert bool(find_info(state).finite)
+  assert all(not jnp.any(u) for u in jax.tree.leaves(updates))
+  assert int(state.inner.count) == 1
+  updates, state = tx.update(grads, state, params, problems=problems)
+  assert all(jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates))
+  assert any(jnp.any(u) for u in jax.tree.leaves(updates))
+
+
+def test_sibp_outer_must_be_a_transformation():
+  with pytest.raises(TypeError, match='outer must be an optax'):
+    sibp_jax.sibp(LR, outer=1e-3)

@@ -9,6 +9,7 @@ are finite; the numbers themselves are the benchmark's business.
 
 import json
 import math
+import re
 
 import pytest
 
@@ -78,7 +79,11 @@ def test_quick_benchmark_reports_every_section(tmp_path):
   # Without --table the rate is the best of the registry's grid.
   sgd = target['methods']['sgd']
   assert sgd['learning_rate'] in (0.03, 0.1, 0.3)
-  assert 'grid 0.03, 0.1, 0.3' in sgd['rate_source']
+  # The source lists the grid with each rate's loss; the chosen is lowest.
+  found = re.findall(r'([\d.e+-]+) \(([\d.e+-]+|inf)\)', sgd['rate_source'])
+  assert [float(lr) for lr, _ in found] == [0.03, 0.1, 0.3]
+  losses = {float(lr): float(loss) for lr, loss in found}
+  assert losses[sgd['learning_rate']] == min(losses.values())
 
   rob = out['robustness']
   assert len(rob['learning_rates']) == 3
@@ -129,3 +134,22 @@ def test_working_range():
   works = __import__('numpy').array([True, False, True, True])
   assert benchmark.working_range(rates, works) == (10.0, (0.1, 1.0))
   assert benchmark.working_range(rates, ~works | True)[0] == 1e3
+
+
+def test_tuned_epoch_runs_each_method_at_its_grids_best():
+  """--tune: every method at the best rate of its grid (the benchmark's
+  own grids for the cosine entries), the grid's losses in the table."""
+  out = benchmark.main([
+      '--quick', '--section', 'epoch', '--tune', '--mock_data', '300',
+      '--methods', 'sibp_adam_cosine,sgd'])['epoch']
+  assert list(out) == ['sibp_adam_cosine', 'sgd', 'adam']
+  cosine = out['sibp_adam_cosine']
+  assert cosine['learning_rate'] in benchmark.GRIDS['sibp_adam_cosine']
+  for row in out.values():
+    found = re.findall(r'([\d.e+-]+) \(([\d.e+-]+|inf)\)', row['grid'])
+    losses = {float(lr): float(loss) for lr, loss in found}
+    assert len(losses) == 3
+    assert losses[row['learning_rate']] == min(losses.values())
+    # The timed run repeats the tuning run's at the chosen rate.
+    assert row['train_loss'] == pytest.approx(losses[row['learning_rate']],
+                                              rel=1e-2)

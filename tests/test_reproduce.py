@@ -76,3 +76,20 @@ def test_selection_by_validation_accuracy(tmp_path):
       json.dump(metrics, f)
   assert reproduce.summarize(paths)[1]['sgd']['lr'] == 1.0
   assert reproduce.summarize(paths, 'val_accuracy')[1]['sgd']['lr'] == 0.1
+
+
+def test_time_to_target_accuracy(tmp_path):
+  """The column names the first epoch at or above the target, and its
+  update seconds; a run that never gets there shows a dash."""
+  path = tmp_path / 'sgd_lr0.1_seed0.json'
+  history = [{'epoch': e, 'val_accuracy': acc, 'seconds': 10.0 * e,
+              'train_loss': 1.0, 'test_accuracy': 0.5}
+             for e, acc in enumerate((0.1, 0.6, 0.8, 0.7))]
+  path.write_text(json.dumps({'config': {'learning_rate': 0.1},
+                              'history': history}))
+  assert reproduce.to_target(json.loads(path.read_text()), 0.75) == (2, 20.0)
+  table, _ = reproduce.summarize([str(path)], target_accuracy=0.75)
+  assert table.splitlines()[0].endswith('to val acc 0.75 | seeds |')
+  assert table.splitlines()[2].endswith('| 2, 20 | 1 |')
+  table, _ = reproduce.summarize([str(path)], target_accuracy=0.9)
+  assert table.splitlines()[2].endswith('| – | 1 |')

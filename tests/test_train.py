@@ -352,3 +352,16 @@ def test_cosine_schedule_decays_to_zero_over_the_run():
     optimizers.create('sgd_momentum', 0.1, hp)
   c = train.parse_args(['--preset', 'resnet20', '--schedule', 'cosine'])
   assert (c.model, c.batch_size, c.schedule) == ('resnet20', 128, 'cosine')
+
+
+def test_warmup_cosine_schedule_rises_from_zero_then_decays():
+  hp = optimizers.Hyperparameters(schedule='warmup_cosine')
+  tx = optimizers.create('sgd', 1.0, hp, total_steps=40)  # warm-up: 2
+  params, grads = {'w': jnp.ones(())}, {'w': jnp.ones(())}
+  state, sizes = tx.init(params), []
+  for _ in range(41):
+    update, state = tx.update(grads, state, params)
+    sizes.append(-float(update['w']))
+  assert sizes[:3] == pytest.approx([0.0, 0.5, 1.0])
+  assert sizes[3] < 1.0 and sizes[40] == pytest.approx(0.0, abs=1e-6)
+  assert all(a >= b for a, b in zip(sizes[2:], sizes[3:]))

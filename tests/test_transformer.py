@@ -223,34 +223,6 @@ def test_embedding_solve_matches_numpy_row_by_row():
   np.testing.assert_allclose(ck, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_tied_embeddings_are_refused_by_name():
-  ids, y = jnp.zeros((4, 5), jnp.int32), jnp.zeros((4,), jnp.int32)
-
-  class Tied(nnx.Module):
-    def __init__(self):
-      self.embed = nnx.Embed(3, 4, rngs=nnx.Rngs(0))
-      self.mix = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
-
-    def __call__(self, ids):
-      return self.embed.attend(self.mix(self.embed(ids).mean(axis=1)))
-
-  with pytest.raises(ValueError, match=(
-      r"layer 'embed' are also used by its method 'attend'")):
-    sibp_jax.nnx.value_grad_and_problems(Tied(), ids, y, loss_fn=xent)
-
-  class LinenTied(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-      embed = nn.Embed(3, 4)
-      return embed.attend(nn.Dense(4)(embed(ids).mean(axis=1)))
-
-  params = LinenTied().init(jax.random.key(0), ids)['params']
-  with pytest.raises(ValueError, match=(
-      r"layer 'Embed_0' are also used by its method 'attend'")):
-    sibp_jax.linen.value_grad_and_problems(LinenTied(), params, ids, y,
-                                           loss_fn=xent)
-
-
 def test_the_state_knows_every_registered_kernel_name():
   # The transformations' state keeps one entry per layer from init on, by
   # the kernel names of the layer registry: a kernel of another name would

@@ -24,6 +24,7 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 
+from sibp_jax._src import kinds
 from sibp_jax._src import problems as problems_lib
 
 Path = problems_lib.Path
@@ -96,11 +97,6 @@ class Tape:
             "records every layer's input and output in the model's own "
             'forward pass and cannot see into one. Apply the layer directly '
             '(remat only saves memory; unroll a scan over layers).')
-      if any(r.path == path for r in self.records):
-        raise ValueError(
-            f"the linear layer '{problems_lib.path_str(path)}' is applied "
-            'more than once in one forward pass; SIBP and ProxBP need every '
-            'linear layer once.')
       # Describe the layer before running it, so that an unsupported one is
       # named by us rather than failing inside Flax in its own words.
       layer_kind = kind()
@@ -113,15 +109,6 @@ class Tape:
     if path == self.source:
       return self.value
     return compute()
-
-  def other_use(self, path: Path, method: str):
-    """Refuses, while recording, a layer's parameters used by ``method``."""
-    if self.hook is None and self.source is None:
-      raise ValueError(
-          f"the parameters of layer '{problems_lib.path_str(path)}' are also "
-          f'used by its method {method!r} (tied weights, e.g. an embedding '
-          'reused as the output projection): SIBP and ProxBP need every '
-          "layer's parameters used by that layer's own call alone.")
 
   @contextlib.contextmanager
   def active(self):
@@ -255,6 +242,37 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
           not any(i in d for d in deps[i + 2:]) for i in range(n - 1)]
 
 
+def shared_layers(records: list[Record]) -> set[Path]:
+  """The paths of the layers applied more than once (shared weights).
+
+  Their applications are solved as one problem whose rows are all of
+  theirs, so they must agree in kind and in every axis but the first
+  (an embedding table's lookups and ``attend`` projections excepted,
+  which the tied solve takes in any shape); otherwise a ``ValueError``
+  names the layer.
+  """
+  seen: dict[Path, Record] = {}
+  shared = set()
+  tied = {r.path for r in records if isinstance(r.kind, kinds.Attend)}
+  for rec in records:
+    first = seen.setdefault(rec.path, rec)
+    if first is rec:
+      continue
+    shared.add(rec.path)
+    if rec.path in tied:  # lookups and attends: rows of any shape
+      continue
+    if (rec.kind != first.kind or rec.inputs.shape[1:] !=
+        first.inputs.shape[1:] or rec.outputs.shape[1:] !=
+        first.outputs.shape[1:]):
+      raise ValueError(
+          f"the linear layer '{problems_lib.path_str(rec.path)}' is applied "
+          'more than once with inputs of different shapes ('
+          f'{first.inputs.shape} and {rec.inputs.shape}) or settings: its '
+          'applications are solved as one problem whose rows are all of '
+          'theirs, which needs them to agree in every axis but the first.')
+  return shared
+
+
 def build_problems(records: list[Record], output_error, logits, *, runner,
                    data, x, prefix: Path = (), check: bool = True,
                    weights=None, loss_terms=None):
@@ -285,13 +303,16 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
         f"('{problems_lib.path_str(records[-1].path)}'), with nothing applied "
         'after it: put any final activation into loss_fn.')
   graph = GraphFn(runner, tuple(r.path for r in records))
+  shared = shared_layers(records)
   links = (chain_links(graph, data, x, records) if check else
            [True] * (len(records) - 1))
   struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
   layers = []
   for i, rec in enumerate(records):
     segment = None
-    if i + 1 < len(records) and links[i]:
+    # A segment names its ends by path, which a shared layer does not fix.
+    if (i + 1 < len(records) and links[i] and rec.path not in shared and
+        records[i + 1].path not in shared):
       segment = problems_lib.Segment(
           SegmentFn(runner, struct, rec.path, records[i + 1].path), data)
     layers.append(problems_lib.LayerProblem(

@@ -41,10 +41,10 @@ class LayerType:
       static kind (:class:`sibp_jax.Dense`, ...) or raises ``ValueError``
       naming the layer for settings the sweep cannot treat as a linear map
       of the input.
-    also: other methods of the module that use its parameters (an
-      embedding's ``attend``, the tied output projection): a call of one
-      while the forward pass is recorded is refused, since the layer's
-      problem would miss that use.
+    also: other methods of the module that apply its kernel to their one
+      argument (an embedding's ``attend``, the tied output projection),
+      each with the ``describe`` of that map: a call is one more
+      application of the layer, solved with the others (shared weights).
     fixed: call arguments that would change the map from the one the
       module's attributes describe (an ``Einsum``'s ``einsum_str``): a call
       that passes one is refused.
@@ -55,7 +55,8 @@ class LayerType:
   kernel: str
   bias: str | None
   describe: Callable[[object, str, Sequence[int]], Hashable]
-  also: tuple[str, ...] = ()
+  also: tuple[tuple[str, Callable[[object, str, Sequence[int]],
+                                   Hashable]], ...] = ()
   fixed: tuple[str, ...] = ()
 
   def names(self, module) -> tuple[str, str | None]:
@@ -208,6 +209,11 @@ def _embed(module, name, input_shape):
   return kinds.Embed(module.num_embeddings)
 
 
+def _attend(module, name, input_shape):
+  del name, input_shape
+  return kinds.Attend(module.num_embeddings)
+
+
 def _einsum(module, name: str, input_shape: Sequence[int]):
   """The :class:`sibp_jax.DenseGeneral` of an ``Einsum`` whose string is a
   general dense map: ``'<input>,<kernel>-><output>'`` where the kernel's
@@ -254,7 +260,7 @@ LAYERS: tuple[LayerType, ...] = (
     LayerType((nnx.LinearGeneral,), (nn.DenseGeneral,), 'kernel', 'bias',
               _dense_general),
     LayerType((nnx.Embed,), (nn.Embed,), 'embedding', None, _embed,
-              also=('attend',)),
+              also=(('attend', _attend),)),
     LayerType((nnx.Einsum,), (nn.Einsum,), 'kernel', 'bias', _einsum,
               fixed=('einsum_str',)),
 )

@@ -27,17 +27,20 @@ def _interceptor(next_fun, args, kwargs, context):
   path = tuple(module.path)
   tape.modules.setdefault(path, type(module))
   entry = flax_layers.lookup(module)
-  if entry is not None and context.method_name in entry.also:
-    tape.other_use(path, context.method_name)
-  if context.method_name != '__call__' or entry is None:
+  also = dict(entry.also) if entry is not None else {}
+  method = context.method_name
+  if entry is None or (method != '__call__' and method not in also):
     return next_fun(*args, **kwargs)
   name = problems_lib.path_str(path)
-  entry.check_call(name, args[1:], kwargs)
+  if method == '__call__':
+    entry.check_call(name, args[1:], kwargs)
+    names, describe = entry.names(module), entry.describe
+  else:  # a method applying the kernel alone (Embed.attend)
+    names, describe = (entry.kernel, None), also[method]
   inputs = args[0]
-  names = entry.names(module)
   return tape.visit(
       path, inputs, lambda: next_fun(*args, **kwargs), names,
-      lambda: entry.describe(module, name, inputs.shape),
+      lambda: describe(module, name, inputs.shape),
       lambda: tuple(None if n is None else module.get_variable('params', n)
                     for n in names))
 

@@ -20,7 +20,7 @@ from sibp_jax._src import problems as problems_lib
 _CALLS = {cls: cls.__call__ for cls in flax_layers.NNX_CLASSES}
 # Other methods that use a layer's parameters (``Embed.attend``).
 _OTHER = {(cls, name): getattr(cls, name) for entry in flax_layers.LAYERS
-          for cls in entry.nnx for name in entry.also}
+          for cls in entry.nnx for name, _ in entry.also}
 _LOCK = threading.RLock()
 
 
@@ -40,7 +40,7 @@ def _intercept(model):
   """
   paths = _layer_paths(model)
 
-  def patched(original):
+  def patched(original, method='__call__'):
     def call(self, inputs, *args, **kwargs):
       tape = capture.current_tape()
       path = paths.get(id(self))
@@ -49,22 +49,16 @@ def _intercept(model):
         return compute()
       entry = flax_layers.lookup(self)
       name = problems_lib.path_str(path)
-      entry.check_call(name, args, kwargs)
-      names = entry.names(self)
+      if method == '__call__':
+        entry.check_call(name, args, kwargs)
+        names, describe = entry.names(self), entry.describe
+      else:  # a method applying the kernel alone (Embed.attend)
+        names, describe = (entry.kernel, None), dict(entry.also)[method]
       return tape.visit(
           path, inputs, compute, names,
-          lambda: entry.describe(self, name, inputs.shape),
+          lambda: describe(self, name, inputs.shape),
           lambda: tuple(None if n is None else getattr(self, n)[...]
                         for n in names))
-    return call
-
-  def refused(name, original):
-    def call(self, *args, **kwargs):
-      tape = capture.current_tape()
-      path = paths.get(id(self))
-      if tape is not None and path is not None:
-        tape.other_use(path, name)
-      return original(self, *args, **kwargs)
     return call
 
   with _LOCK:
@@ -73,7 +67,7 @@ def _intercept(model):
     for cls, original in _CALLS.items():
       cls.__call__ = patched(original)
     for (cls, name), original in _OTHER.items():
-      setattr(cls, name, refused(name, original))
+      setattr(cls, name, patched(original, name))
     try:
       yield
     finally:

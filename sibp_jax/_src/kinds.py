@@ -336,6 +336,48 @@ class Embed:
                        f'not fit {kernel_shape[1]} features')
 
 
+@dataclasses.dataclass(frozen=True)
+class Attend:
+  """An embedding table used as the output projection, ``g = h Eᵀ``.
+
+  ``Embed.attend``: the kernel is the ``(V, features)`` table ``E`` of the
+  lookup it ties to, so each output unit ``v`` is the dense map of ``h``
+  with weights ``E_v``. The sweep solves every use of the table together
+  (docs/algorithms.md, "Shared and tied weights"): per table row the
+  system is ``(HᵀH + (λ + count_v) I)``, one eigendecomposition of the
+  ``d × d`` matrix ``HᵀH`` for all ``V`` rows.
+
+  Attributes:
+    num_embeddings: ``V``, the number of table rows (output units).
+  """
+
+  num_embeddings: int
+
+  def apply(self, kernel, bias, inputs):
+    """Returns ``inputs @ kernelᵀ`` (``+ bias``, which Flax's lack)."""
+    out = jnp.matmul(inputs, kernel.T, precision=PRECISION)
+    return out if bias is None else out + bias
+
+  def design(self, inputs, window=()):
+    del window
+    return sharding.reshape_rows(inputs, (-1, inputs.shape[-1]))
+
+  output_rows = Dense.output_rows
+  row_shape = Dense.row_shape
+
+  def sizes(self, kernel_shape, output_shape) -> tuple[int, int]:
+    return (math.prod(output_shape[:-1]),
+            0 if kernel_shape is None else kernel_shape[-1])
+
+  def check(self, name: str, kernel_shape, bias_shape, inputs, outputs):
+    if (len(kernel_shape) != 2 or kernel_shape[0] != self.num_embeddings or
+        inputs.shape[-1] != kernel_shape[1] or
+        outputs.shape[-1] != kernel_shape[0]):
+      raise _another_model(name, inputs, outputs, kernel_shape)
+    if bias_shape is not None:
+      raise ValueError(f'layer {name}: attend has no bias')
+
+
 def unroll_loops(kind) -> bool:
   """Whether solver loops over this layer's map should be unrolled.
 

@@ -264,22 +264,33 @@ def layerwise_update(name: str, make_rule: Callable, scale_of: Callable,
         for layer, (k, b) in zip(problems.layers, located)]
     new = sweep.backward_sweep(problems, compute, rule, frozen=frozen)
     scale = scale_of(state.count)
+    zero_step = scale == 0  # e.g. the first step of a warm-up from η = 0
+
+    def direction(change, like):
+      # -change / scale, and no move at all for a step of size 0 (whatever
+      # the solver made of its zero right-hand side).
+      d = -change / jnp.where(zero_step, 1, scale)
+      return jnp.where(zero_step, jnp.zeros_like(d), d).astype(like.dtype)
+
     out = list(grad_leaves)
     solved = [(pair, upd, layer) for pair, upd, layer in zip(
         located, new, problems.layers) if pair[0] is not None]
     for (k, b), upd, _ in solved:
-      out[k] = (-upd.kernel / scale).astype(leaves[k].dtype)
+      out[k] = direction(upd.kernel, leaves[k])
       if b is not None:
-        out[b] = (-upd.bias / scale).astype(leaves[b].dtype)
+        out[b] = direction(upd.bias, leaves[b])
     layer_finite = [solvers.all_finite((out[k], None if b is None else out[b]))
                     for (k, b), _, _ in solved]
     owned = {i for (k, b), _, _ in solved for i in (k, b) if i is not None}
     finite = jnp.all(jnp.stack(layer_finite + [solvers.all_finite(
         [x for i, x in enumerate(out) if i not in owned])]))
     out = [jnp.where(finite, x, jnp.zeros_like(x)) for x in out]
-    if frozen[-1]:
+    last = problems.layers[-1].kernel_path
+    if frozen[-1] or sum(layer.kernel_path == last
+                         for layer in problems.layers) > 1:
       # The check reads the last layer's gradient, which a frozen layer
-      # does not get.
+      # does not get, and which a shared one also gets from its other
+      # applications.
       grad_mismatch = jnp.zeros((), jnp.float32)
     else:
       gradient = grad_leaves[located[-1][0]]

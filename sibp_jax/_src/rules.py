@@ -63,8 +63,16 @@ class LinearizedRule:
   def __call__(self, layer, kernel, bias, e_f, e_g):
     del e_f
     return _ridge_update(self.solver, layer, kernel, bias,
-                         -self.learning_rate * e_g, self.lam_kernel,
-                         self.lam_bias)
+                         self.residual(e_g), self.lam_kernel, self.lam_bias)
+
+  def residual(self, e_g):
+    """The ridge problem's right-hand side ``u - g`` from ``e_g``."""
+    return -self.learning_rate * e_g
+
+  @property
+  def lam(self):
+    """``(λ_kernel, λ_bias)``."""
+    return self.lam_kernel, self.lam_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +96,64 @@ class ProxRule:
     del e_f
     lam = 1.0 / jnp.asarray(self.tau_prox, e_g.dtype)
     return _ridge_update(self.solver, layer, kernel, bias,
-                         -e_g / jnp.asarray(self.loss_terms, e_g.dtype), lam,
-                         lam)
+                         self.residual(e_g), lam, lam)
+
+  def residual(self, e_g):
+    """The ridge problem's right-hand side ``τ - g`` from ``e_g``."""
+    return -e_g / jnp.asarray(self.loss_terms, e_g.dtype)
+
+  @property
+  def lam(self):
+    lam = 1.0 / jnp.asarray(self.tau_prox)
+    return lam, lam
+
+
+def tied_update(rule, lookups, attends, kernel) -> LayerUpdate:
+  """One embedding table's change from its lookups and its ``attend``\s.
+
+  ``lookups`` and ``attends`` are ``(layer, e_g)`` pairs of the table's
+  applications as :class:`sibp_jax.Embed` and :class:`sibp_jax.Attend`. The
+  ridge problem in the table's change ``Δ`` has the rows of both: a lookup
+  row of id ``v`` asks ``Δ_v ≈ r``, an attend row with input ``h`` asks
+  ``h Δᵀ ≈ R``. Its normal equations are separate per table row,
+
+      (HᵀWH + (λ + c_v) I) Δ_vᵀ = Hᵀ W R_{:, v} + s_v,
+
+  with ``H``, ``R`` the attend rows (weights ``W``), ``c_v`` the weighted
+  count of id ``v`` among the lookup rows and ``s_v`` their summed
+  residual. One eigendecomposition ``HᵀWH = Q diag(μ) Qᵀ`` serves every
+  ``v``: ``Δ_v = ((M_v Q) / (μ + λ + c_v)) Qᵀ`` with ``M_v`` the right-hand
+  side; the cost is ``O(d³ + V d²)`` plus the products with ``H``, never a
+  ``V × V`` matrix. The solve is exact whatever the rule's solver.
+  """
+  lam = jnp.asarray(rule.lam[0], kernel.dtype)
+  n_rows, d = kernel.shape
+  counts = jnp.zeros((n_rows,), kernel.dtype)
+  rhs = jnp.zeros_like(kernel)
+  for layer, e_g in lookups:
+    kind = layer.kind
+    w = (None if layer.row_weights is None
+         else layer.row_weights.astype(kernel.dtype))
+    counts = counts + kind.gram_diagonal(layer.inputs, kernel.dtype, w)
+    r = kind.output_rows(rule.residual(e_g))
+    if w is not None:
+      r = r * w.reshape(-1, 1)
+    rhs = rhs.at[layer.inputs.reshape(-1)].add(r)
+  gram = jnp.zeros((d, d), kernel.dtype)
+  for layer, e_g in attends:
+    h = layer.kind.design(layer.inputs)
+    r = layer.kind.output_rows(rule.residual(e_g))
+    hw = h if layer.row_weights is None else h * layer.row_weights.reshape(
+        -1, 1).astype(kernel.dtype)
+    gram = gram + jnp.matmul(hw.T, h, precision=PRECISION)
+    rhs = rhs + jnp.matmul(r.T, hw, precision=PRECISION)
+  mu, q = jnp.linalg.eigh(gram)
+  rotated = jnp.matmul(rhs, q, precision=PRECISION)
+  delta = jnp.matmul(rotated / (mu + lam + counts[:, None]), q.T,
+                     precision=PRECISION)
+  return LayerUpdate(delta, None, solvers.SolveInfo(
+      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
+      jnp.asarray(solvers.SolveStatus.CONVERGED, jnp.int32)))
 
 
 @dataclasses.dataclass(frozen=True)

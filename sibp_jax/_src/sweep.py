@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sibp_jax._src import kinds
 from sibp_jax._src import problems as problems_lib
 from sibp_jax._src import rules as rules_lib
 from sibp_jax._src import solvers
@@ -93,7 +94,7 @@ def _frozen_update(kernel, bias) -> LayerUpdate:
       jnp.asarray(solvers.SolveStatus.CONVERGED, jnp.int32)))
 
 
-def _layer_op(layer, rebuild, chain_new, frozen):
+def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
   """The custom-VJP stand-in for one linear layer in the graph replay.
 
   ``op(f, inputs, outputs, kernel, bias, weights, hyper, slot)`` returns
@@ -110,7 +111,10 @@ def _layer_op(layer, rebuild, chain_new, frozen):
   description. The rule is called with ``e_f=None``: on a graph the error
   on a layer's activation is not defined, and the linearized and ProxBP
   rules do not use it. A ``frozen`` layer solves nothing and passes the
-  error through its weights.
+  error through its weights. One application of a shared layer
+  (``collect``) solves nothing either: it passes the error through the old
+  weights and returns ``e_g`` itself as the slot's cotangent, for the one
+  solve over all the layer's applications after the pass.
   """
   static = dataclasses.replace(layer, inputs=None, outputs=None,
                                segment=None, params=None, row_weights=None)
@@ -129,6 +133,17 @@ def _layer_op(layer, rebuild, chain_new, frozen):
     problem = dataclasses.replace(static, inputs=inputs, outputs=outputs,
                                   row_weights=weights)
     e_g = e_g.astype(kernel.dtype)
+    if collect:
+      if jnp.issubdtype(f.dtype, jnp.integer):  # token ids: no error below
+        e_f = _zero_cotangent(f)
+      else:
+        _, pullback = jax.vjp(
+            lambda f_: static.kind.apply(kernel, None, f_), inputs)
+        e_f = pullback(e_g)[0].astype(f.dtype)
+      return (e_f, _zero_cotangent(inputs),
+              _zero_cotangent(outputs), _zero_cotangent(kernel),
+              _zero_cotangent(bias), _zero_cotangent(weights),
+              [_zero_cotangent(h) for h in hyper], e_g)
     update = (_frozen_update(kernel, bias) if frozen else
               rebuild(hyper)(problem, kernel, bias, None, e_g))
     chain_kernel = kernel + update.kernel if chain_new else kernel
@@ -168,11 +183,15 @@ def _graph_sweep(problems, params, rule, frozen):
         layer, inputs=_compute_dtype(layer.inputs, dtype),
         outputs=layer.outputs.astype(dtype)))
   hyper, rebuild = _split_rule(rule)
-  ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen)
-         for layer, is_frozen in zip(layers, frozen)]
+  groups = _applications(layers)
+  collect = [_solved_together(layers, groups[layer.kernel_path])
+             and not is_frozen for layer, is_frozen in zip(layers, frozen)]
+  ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen, shared)
+         for layer, is_frozen, shared in zip(layers, frozen, collect)]
   zero = lambda a: None if a is None else jnp.zeros_like(a)
-  slots = [(zero(k), zero(b), (jnp.zeros((), k.dtype),) * 3)
-           for k, b in params]
+  slots = [jnp.zeros(layer.outputs.shape, k.dtype) if shared else
+           (zero(k), zero(b), (jnp.zeros((), k.dtype),) * 3)
+           for (k, b), layer, shared in zip(params, layers, collect)]
   model_dtypes = [layer.outputs.dtype for layer in problems.layers]
 
   def replay(slots):
@@ -195,10 +214,57 @@ def _graph_sweep(problems, params, rule, frozen):
   _, pullback = jax.vjp(replay, slots)
   e = problems.output_error.astype(params[-1][0].dtype)
   (found,) = pullback(e)
-  return [LayerUpdate(dk, db, solvers.SolveInfo(
-      its.astype(jnp.int32), res.astype(jnp.float32),
-      status.astype(jnp.int32)))
-          for dk, db, (its, res, status) in found]
+  updates = []
+  for shared, cotangent in zip(collect, found):
+    if shared:  # e_g of one application, solved below
+      updates.append(None)
+      continue
+    dk, db, (its, res, status) = cotangent
+    updates.append(LayerUpdate(dk, db, solvers.SolveInfo(
+        its.astype(jnp.int32), res.astype(jnp.float32),
+        status.astype(jnp.int32))))
+  for indices in groups.values():
+    if not collect[indices[0]]:
+      continue
+    kernel, bias = params[indices[0]]
+    members = [layers[i] for i in indices]
+    if any(isinstance(m.kind, kinds.Attend) for m in members):
+      # A table used as the output projection (tied embeddings).
+      pairs = [(m, found[i]) for m, i in zip(members, indices)]
+      update = rules_lib.tied_update(
+          rule, [p for p in pairs if isinstance(p[0].kind, kinds.Embed)],
+          [p for p in pairs if isinstance(p[0].kind, kinds.Attend)], kernel)
+      for i in indices:
+        updates[i] = update
+      continue
+    # One problem whose rows are every application's, with the error each
+    # received: the sum of the applications' data terms.
+    stack = lambda arrays: jnp.concatenate(arrays, axis=0)
+    weights = [m.row_weights for m in members]
+    stacked = dataclasses.replace(
+        members[0], inputs=stack([m.inputs for m in members]),
+        outputs=stack([m.outputs for m in members]),
+        row_weights=None if weights[0] is None else stack(weights))
+    update = rule(stacked, kernel, bias, None,
+                  stack([found[i] for i in indices]))
+    for i in indices:
+      updates[i] = update
+  return updates
+
+
+def _solved_together(layers, indices) -> bool:
+  """Whether a layer's applications are solved after the reverse pass:
+  a shared layer, or a table used by ``attend``."""
+  return len(indices) > 1 or isinstance(layers[indices[0]].kind,
+                                        kinds.Attend)
+
+
+def _applications(layers) -> dict:
+  """Kernel path -> the indices of the layer's applications, in order."""
+  groups: dict = {}
+  for i, layer in enumerate(layers):
+    groups.setdefault(layer.kernel_path, []).append(i)
+  return groups
 
 
 def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
@@ -220,6 +286,14 @@ def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
   does not feed the next layer alone it raises ``ValueError`` naming the
   layer.
 
+  A layer applied several times in one pass (shared weights: a block
+  reused in a loop) appears once per application in ``problems.layers``.
+  Its applications are one ridge problem whose rows are all of theirs,
+  each with the error it received, solved after the reverse pass; each
+  application passes its error on through the *old* weights (the new ones
+  depend on every application's error, the last-applied's included). The
+  paper variant refuses such a layer.
+
   Args:
     problems: the layers and output error from one forward pass.
     params: ``(kernel, bias)`` per layer, input to output, in the compute
@@ -233,7 +307,22 @@ def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
     A list of :class:`LayerUpdate` (the changes of the parameters), input to
     output.
   """
-  if isinstance(rule, rules_lib.PaperRule):
+  frozen = tuple(frozen or (False,) * len(problems.layers))
+  paper = isinstance(rule, rules_lib.PaperRule)
+  for indices in _applications(problems.layers).values():
+    if (_solved_together(problems.layers, indices) and
+        (paper or problems.graph is None)):
+      raise ValueError(
+          f"layer '{problems.layers[indices[0]].name}' is applied "
+          f'{len(indices)} times (shared weights' + (
+              ', as the output projection by attend'
+              if any(isinstance(problems.layers[i].kind, kinds.Attend)
+                     for i in indices) else '') + '): ' + (
+              "variant='paper' fits each layer through the map to the next "
+              "one and needs every layer once; use variant='linearized'."
+              if paper else 'a shared layer needs the graph sweep, which '
+              'problems without a graph (built by hand) cannot run.'))
+  if paper:
     for layer in problems.layers[:-1]:
       if layer.segment is None:
         raise ValueError(
@@ -242,8 +331,7 @@ def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
             'the next layer alone (a residual connection or a branch): the '
             "paper variant needs a chain; use variant='linearized' on this "
             'model.')
-  frozen = tuple(frozen or (False,) * len(problems.layers))
-  if problems.graph is not None and not isinstance(rule, rules_lib.PaperRule):
+  if problems.graph is not None and not paper:
     return _graph_sweep(problems, params, rule, frozen)
   return _chain_sweep(problems, params, rule, frozen)
 
