@@ -87,9 +87,9 @@ HELP = {
     'proxbp_outer': "ProxBP's outer step",
     'sibp_eta': "sibp_adam, sibp_nesterov: SIBP's neuron step eta (the "
                 'learning rate is the outer optimizer\'s)',
-    'schedule': 'learning rate over the run: constant, or cosine decay to 0 '
-                '(warmup_cosine: after a linear warm-up over the first twentieth) '
-                'over --epochs',
+    'schedule': 'learning rate over --epochs: constant, or cosine decay to 0 '
+                '(warmup_cosine: after a linear warm-up over the first '
+                'twentieth)',
     'epochs': 'passes over the training set; 0: only prepare the data and '
               'evaluate',
     'batch_size': 'examples per step',

@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -108,6 +107,15 @@ def _params(adapter):
   return _linen_params(jnp.float64)
 
 
+def _relative_error(updates, grads, scale):
+  """``max |scale · update − gradient|`` over every parameter, relative to
+  the largest gradient entry."""
+  pairs = list(zip(jax.tree.leaves(updates), jax.tree.leaves(grads),
+                   strict=True))
+  largest = max(float(jnp.abs(g).max()) for _, g in pairs)
+  return max(float(jnp.abs(u * scale - g).max()) for u, g in pairs) / largest
+
+
 @pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('adapter', ['nnx', 'linen'])
 def test_shared_layer_tends_to_backprop(adapter):
@@ -121,10 +129,8 @@ def test_shared_layer_tends_to_backprop(adapter):
     for (tau, lam), (grads, updates) in zip(settings, runs):
       leaves = jax.tree_util.tree_leaves_with_path(grads)
       assert sum('h' in jax.tree_util.keystr(p) for p, _ in leaves) == 2
-      largest = max(float(jnp.abs(g).max()) for _, g in leaves)
-      errors.append(max(jax.tree.leaves(jax.tree.map(
-          lambda u, g, s=scale_of(tau, lam): float(jnp.abs(u * s - g).max()),
-          updates[which], grads))) / largest)
+      errors.append(_relative_error(updates[which], grads,
+                                    scale_of(tau, lam)))
     assert errors[1] < 1e-3, (which, errors)
     assert errors[1] < 0.2 * errors[0], (which, errors)
 
@@ -239,13 +245,9 @@ def test_tied_embeddings_tend_to_backprop(adapter):
                         jnp.float64(lam)) for tau, lam in settings]
   for which, scale_of in ((0, lambda tau, lam, n: 1 / tau),
                           (1, lambda tau, lam, n: lam / n)):
-    errors = []
-    for (tau, lam), (grads, terms, updates) in zip(settings, runs):
-      largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
-      scale = scale_of(tau, lam, float(terms))
-      errors.append(max(jax.tree.leaves(jax.tree.map(
-          lambda u, g: float(jnp.abs(u * scale - g).max()),
-          updates[which], grads))) / largest)
+    errors = [_relative_error(updates[which], grads,
+                              scale_of(tau, lam, float(terms)))
+              for (tau, lam), (grads, terms, updates) in zip(settings, runs)]
     assert errors[1] < 1e-3, (which, errors)
     assert errors[1] < 0.2 * errors[0], (which, errors)
 
@@ -276,23 +278,23 @@ def test_tied_solve_matches_the_whole_ridge_problem_in_numpy():
              (layer('attend', rng.normal(size=(9, d)), v,
                     rng.uniform(size=9)), rng.normal(size=(9, v)))]
   got = rules.tied_update(
-      rule, [(l, jnp.asarray(e)) for l, e in lookups],
-      [(l, jnp.asarray(e)) for l, e in attends], kernel).kernel
+      rule, [(lay, jnp.asarray(e)) for lay, e in lookups],
+      [(lay, jnp.asarray(e)) for lay, e in attends], kernel).kernel
 
   rows, targets, weights = [], [], []
-  for l, e in lookups:  # Δ[id, j] ≈ -η e[j]
-    w = (np.ones(l.inputs.size) if l.row_weights is None
-         else np.asarray(l.row_weights).reshape(-1))
-    for i, r, wi in zip(np.asarray(l.inputs).reshape(-1),
+  for lay, e in lookups:  # Δ[id, j] ≈ -η e[j]
+    w = (np.ones(lay.inputs.size) if lay.row_weights is None
+         else np.asarray(lay.row_weights).reshape(-1))
+    for i, r, wi in zip(np.asarray(lay.inputs).reshape(-1),
                         e.reshape(-1, d), w):
       for j in range(d):
         row = np.zeros(v * d)
         row[i * d + j] = 1.0
         rows.append(row), targets.append(-eta * r[j]), weights.append(wi)
-  for l, e in attends:  # Σ_j h_j Δ[u, j] ≈ -η e[u]
-    h = np.asarray(l.inputs).reshape(-1, d)
-    w = (np.ones(len(h)) if l.row_weights is None
-         else np.asarray(l.row_weights).reshape(-1))
+  for lay, e in attends:  # Σ_j h_j Δ[u, j] ≈ -η e[u]
+    h = np.asarray(lay.inputs).reshape(-1, d)
+    w = (np.ones(len(h)) if lay.row_weights is None
+         else np.asarray(lay.row_weights).reshape(-1))
     for hi, r, wi in zip(h, e.reshape(-1, v), w):
       for u in range(v):
         row = np.zeros(v * d)

@@ -41,8 +41,8 @@ def sibp(
   ``sibp`` is ``scale_by_sibp`` followed by ``scale_by_learning_rate``.
   Parameters that no recognised linear layer owns (normalisation scales and
   biases) take a plain gradient step of size ``learning_rate``, or
-  ``outer``'s step on their gradient. See :func:`scale_by_sibp` for the variants and
-  solvers.
+  ``outer``'s step on their gradient. See :func:`scale_by_sibp` for the
+  variants and solvers.
 
   **Weight decay** is decoupled, as in ``optax.adamw``: ``weight_decay · θ``
   joins the direction between ``scale_by_sibp`` and

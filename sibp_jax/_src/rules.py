@@ -109,7 +109,7 @@ class ProxRule:
 
 
 def tied_update(rule, lookups, attends, kernel) -> LayerUpdate:
-  """One embedding table's change from its lookups and its ``attend``\s.
+  """One embedding table's change from its lookups and ``attend`` uses.
 
   ``lookups`` and ``attends`` are ``(layer, e_g)`` pairs of the table's
   applications as :class:`sibp_jax.Embed` and :class:`sibp_jax.Attend`. The
