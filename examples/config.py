@@ -33,7 +33,7 @@ CHOICES = {'dataset': input_pipeline.DATASETS, 'model': models.MODELS,
            'optimizer': tuple(optimizers.METHODS),
            'proxbp_solver': optimizers.PROXBP_SOLVERS,
            'proxbp_outer': optimizers.PROXBP_OUTERS,
-           'schedule': optimizers.SCHEDULES}
+           'schedule': optimizers.SCHEDULES, 'others': optimizers.OTHERS}
 
 
 @dataclasses.dataclass
@@ -87,6 +87,9 @@ HELP = {
     'proxbp_outer': "ProxBP's outer step",
     'sibp_eta': "sibp_adam, sibp_nesterov: SIBP's neuron step eta (the "
                 'learning rate is the outer optimizer\'s)',
+    'others': 'sibp, sibp_paper, sibp_linearized: the step of the '
+              'parameters no layer owns (norm scales and biases): the '
+              'gradient times eta, or Adam at 1e-3',
     'schedule': 'learning rate over --epochs: constant, or cosine decay to 0 '
                 '(warmup_cosine: after a linear warm-up over the first '
                 'twentieth)',
@@ -148,13 +151,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             'sgd_momentum': ('sgd_momentum', {'schedule': 'cosine'}, (0.1,)),
             'adam': ('adam', {}, (1e-3,)),
             'sibp_adam': ('sibp_adam', {'schedule': 'cosine'}, (1e-2,)),
-            'muon': ('muon', {}, (0.02,))}),
+            'muon': ('muon', {}, (0.02,)),
+            'sibp_others_adam': ('sibp_linearized', {'others': 'adam'},
+                                 (1.0,))}),
     'vit': dict(  # a small vision transformer, three rates per method
         model='vit', batch_size=128, epochs=5, methods={
             'sibp_linearized': ('sibp_linearized', {}, (0.01, 0.03, 0.1)),
             'proxbp': ('proxbp', {}, None),
             'adamw': ('adamw', {}, None),
-            'muon': ('muon', {}, None)}),
+            'muon': ('muon', {}, None),
+            'sibp_others_adam': ('sibp_linearized', {'others': 'adam'},
+                                 (0.1,)),
+            'sibp_adam': ('sibp_adam', {'schedule': 'cosine'}, (1e-2,))}),
     'char_lm': dict(  # a small character language model, SIBP vs AdamW
         model='char_lm', dataset='tiny_shakespeare', batch_size=64,
         seq_len=64, epochs=1, methods={

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from flax import nnx
 
 import sibp_jax
 
@@ -158,3 +159,36 @@ def test_sibp_step_of_size_zero_moves_nothing_and_counts():
 def test_sibp_outer_must_be_a_transformation():
   with pytest.raises(TypeError, match='outer must be an optax'):
     sibp_jax.sibp(LR, outer=1e-3)
+
+
+def test_sibp_others_steps_the_parameters_no_layer_owns():
+  """``others`` takes the LayerNorm's scale and bias (here SGD at 0.5 on
+  their gradient); the layers' parameters take SIBP's step unchanged; a
+  skipped step moves nothing and holds ``others``'s momentum."""
+  class Normed(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+      self.norm = nnx.LayerNorm(8, rngs=nnx.Rngs(1))
+      self.b = nnx.Linear(8, 3, rngs=nnx.Rngs(2))
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.norm(self.a(x))))
+
+  x, y = classification()
+  grads, params, problems = step_inputs(Normed(), x, y)
+  plain, _ = sibp_jax.sibp(LR).update(
+      grads, sibp_jax.sibp(LR).init(params), params, problems=problems)
+  tx = sibp_jax.sibp(LR, others=optax.sgd(0.5, momentum=0.9))
+  state = tx.init(params)
+  routed, state = tx.update(grads, state, params, problems=problems)
+  for name in ('a', 'b'):
+    chex.assert_trees_all_close(routed[name], plain[name], **TOL)
+  chex.assert_trees_all_close(
+      routed['norm'], jax.tree.map(lambda g: -0.5 * g, grads['norm']), **TOL)
+  momentum = state.others[0].trace
+  bad_grads, _, bad_problems = step_inputs(
+      Normed(), x.at[0, 0].set(jnp.nan), y)
+  skipped, held = tx.update(bad_grads, state, params, problems=bad_problems)
+  assert not bool(find_info(held).finite)
+  assert all(not jnp.any(u) for u in jax.tree.leaves(skipped))
+  chex.assert_trees_all_equal(held.others[0].trace, momentum)

@@ -24,6 +24,7 @@ def sibp(
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_mask: Any = None,
     outer: optax.GradientTransformation | None = None,
+    others: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Semi-implicit back propagation (Liu & Zhang, 2020) as an optimizer.
 
@@ -114,6 +115,11 @@ def sibp(
       step"); ``optax.sgd(lr, momentum=0.9, nesterov=True)`` is momentum
       on the SIBP direction. ``weight_decay · θ`` joins ``D`` before
       ``outer``.
+    others: the optimizer of the parameters no layer owns (normalisation
+      scales and biases), on their gradient, e.g. ``optax.adam(1e-3)``;
+      default ``None``: they take the same step as the rest (``outer``'s, or
+      a plain gradient step of size ``learning_rate``). Weight decay does
+      not reach them then.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -141,13 +147,13 @@ def sibp(
     Liu & Zhang, `Semi-Implicit Back Propagation
     <https://arxiv.org/abs/2002.03516>`_, 2020.
   """
-  if outer is not None and not (hasattr(outer, 'init')
-                                and hasattr(outer, 'update')):
-    raise TypeError('outer must be an optax GradientTransformation (with '
-                    f'init and update), got {outer!r}')
+  for what, tx in (('outer', outer), ('others', others)):
+    if tx is not None and not (hasattr(tx, 'init') and hasattr(tx, 'update')):
+      raise TypeError(f'{what} must be an optax GradientTransformation '
+                      f'(with init and update), got {tx!r}')
   # Held still together on a skipped step, so that a schedule's count in
   # the outer scaling stays in step with the inner one.
-  return transform.skip_outer_on_bad_step(
+  main = transform.skip_outer_on_bad_step(
       transform.scale_by_sibp(learning_rate, variant=variant,
                               lambda_w=lambda_w, lambda_b=lambda_b,
                               solver=solver,
@@ -157,6 +163,7 @@ def sibp(
       _with_weight_decay(weight_decay, weight_decay_mask,
                          optax.scale_by_learning_rate(learning_rate)
                          if outer is None else outer))
+  return main if others is None else transform.with_others(main, others)
 
 
 def proxbp(

@@ -137,11 +137,14 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
   take the plain gradient) and ``Dropout``. The sweep replays the module
   with the same ``rngs``, variables and arguments, so it sees the forward
   pass's dropout mask and batch statistics; the collections it would
-  change are discarded. Refused with a ``ValueError`` naming the layer: a
-  layer applied twice in one pass, a layer applied inside a transformation
-  within the module (``nn.remat``, ``nn.scan``), a layer whose output
-  reaches no later layer, an unsupported convolution, a module whose
-  output is not its last linear layer's output; and, naming the
+  change are discarded. A layer applied several times (shared weights)
+  and an ``Embed`` also used by ``attend`` (tied embeddings) are solved
+  from all their uses. Refused with a ``ValueError`` naming the layer: a
+  layer applied twice to inputs of different shapes, a layer applied
+  inside a transformation within the module (``nn.remat``, ``nn.scan``),
+  a layer whose output reaches no later layer, an unsupported
+  convolution, a module whose output is not its last linear layer's
+  output; and, naming the
   parameters, any parameter that no recorded layer owns and no
   normalisation layer holds (a custom module's ``self.param``), unless
   ``unsolved='gradient'``.

@@ -108,15 +108,17 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   ``GroupNorm``: their scale and bias are held at their current values in
   the sweep and take the plain gradient) and ``Dropout``. The sweep
   replays the model from the state the forward pass started from, so it
-  sees the forward pass's dropout mask and batch statistics. Refused with
-  a ``ValueError`` naming the layer: a layer applied twice in one pass, a
-  layer applied inside a transformation within the model (``nnx.remat``,
-  ``nnx.scan``), a layer whose output reaches no later layer, an
-  unsupported convolution, a model whose output is not its last linear
-  layer's output; and, naming the parameters, any ``nnx.Param`` that no
-  recorded layer owns and no normalisation layer holds (a custom module's
-  kernel, an ``nnx.LoRA`` adapter, a layer the forward pass did not call),
-  unless ``unsolved='gradient'``.
+  sees the forward pass's dropout mask and batch statistics. A layer
+  applied several times (shared weights) and an ``Embed`` also used by
+  ``attend`` (tied embeddings) are solved from all their uses. Refused
+  with a ``ValueError`` naming the layer: a layer applied twice to inputs
+  of different shapes, a layer applied inside a transformation within the
+  model (``nnx.remat``, ``nnx.scan``), a layer whose output reaches no
+  later layer, an unsupported convolution, a model whose output is not its
+  last linear layer's output; and, naming the parameters, any
+  ``nnx.Param`` that no recorded layer owns and no normalisation layer
+  holds (a custom module's kernel, an ``nnx.LoRA`` adapter, a layer the
+  forward pass did not call), unless ``unsolved='gradient'``.
 
   Args:
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.

@@ -213,6 +213,17 @@ def _locate(name, problems, grads, params):
   return leaves, grad_leaves, treedef, located
 
 
+def owned_mask(problems, params):
+  """A tree like ``params``: ``True`` where a layer of ``problems`` owns the
+  leaf (its kernel or bias), ``False`` for the rest (normalisation scales
+  and biases, parameters let through with ``unsolved='gradient'``)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  owned = {p for layer in problems.layers
+           for p in (layer.kernel_path, layer.bias_path) if p is not None}
+  return jax.tree.unflatten(treedef, [_param_path(path) in owned
+                                      for path, _ in flat])
+
+
 def _per_layer(state_info, layers, new, layer_finite) -> tuple[dict, ...]:
   """The per-layer dicts: the state's entries, with this step's solves."""
   found = {}

@@ -17,6 +17,7 @@ the transformation warns (once) when they disagree.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -298,6 +299,47 @@ def scale_by_proxbp(
   return optax.GradientTransformationExtraArgs(
       layerwise.init_state, layerwise.layerwise_update(
           'scale_by_proxbp', make_rule, lambda count: 1.0, check))
+
+
+class OthersState(NamedTuple):
+  """The state of :func:`with_others`: the main transformation's and the
+  state of the one for parameters no layer owns."""
+
+  main: Any
+  others: Any
+
+
+def with_others(main: optax.GradientTransformationExtraArgs,
+                others: optax.GradientTransformation
+                ) -> optax.GradientTransformationExtraArgs:
+  """``main`` for the parameters a layer owns, ``others`` for the rest.
+
+  Which leaves a layer owns is read off ``problems`` at every update
+  (``layerwise.owned_mask``): normalisation scales and biases, and
+  parameters let through with ``unsolved='gradient'``, get ``others``'s
+  step on their gradient instead of ``main``'s. On a step ``main`` flags
+  as not finite (its ``inner.info.finite``) the update is zero and
+  ``others``'s state is held too.
+  """
+  others = optax.with_extra_args_support(others)
+
+  def init(params):
+    return OthersState(main.init(params), others.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    step, main_state = main.update(updates, state.main, params,
+                                   **extra_args)
+    mask = layerwise.owned_mask(extra_args['problems'], params)
+    other_step, others_state = others.update(updates, state.others, params)
+    ok = main_state.inner.info.finite
+    step = jax.tree.map(
+        lambda m, a, b: a if m else jnp.where(ok, b, jnp.zeros_like(b)),
+        mask, step, other_step)
+    others_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                others_state, state.others)
+    return step, OthersState(main_state, others_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def skip_outer_on_bad_step(
