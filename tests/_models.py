@@ -1,6 +1,7 @@
 """Small models and data shared by the tests."""
 
 import collections
+import functools
 
 import flax.linen as nn
 import jax
@@ -345,3 +346,27 @@ def jit_updates(names):
 
     _PROGRAMS[key] = updates
   return _PROGRAMS[key]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def limit_updates(linen_module, params, x, y, tau, lam):
+  """``(problems, gradient, (ProxBP's direction at τ, SIBP's at λ, η 0.5))``
+  of one batch: nnx when ``linen_module`` is ``None`` (``params`` is then
+  ``(graphdef, state)``), else linen with ``params``. The small-τ and
+  large-λ limits of the tests compare these with the gradient."""
+  if linen_module is None:
+    model = nnx.merge(*params)
+    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+        model, x, y, loss_fn=xent)
+    grads = nnx.as_pure(grads)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+  else:
+    _, grads, problems = sibp_jax.linen.value_grad_and_problems(
+        linen_module, params, x, y, loss_fn=xent)
+
+  def update(tx):
+    return tx.update(grads, tx.init(params), params, problems=problems)[0]
+
+  return problems, grads, (
+      update(sibp_jax.scale_by_proxbp(tau)),
+      update(sibp_jax.scale_by_sibp(0.5, lambda_w=lam, lambda_b=lam)))

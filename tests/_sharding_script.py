@@ -64,7 +64,9 @@ from _models import xent  # noqa: E402
 # tokens gathers the batch's cotangent, in plain backprop as much as in
 # SIBP. The token model (`tokens`: Embed of ids sharded with the batch,
 # tanh, mean over tokens, a dense head) checks the embedding's lookup,
-# counts and scatter under explicit sharding.
+# counts and scatter under explicit sharding; the tied one (`tied`: the
+# same table as the output projection through `attend`, a per-token loss)
+# the tied solve's counts, scatter and `d × d` Gram.
 SIZES = (100, 120, 10)
 BATCH = 40
 TOKENS = 5
@@ -89,7 +91,27 @@ class TokenModel(nnx.Module):
     return self.head(jnp.tanh(h).mean(axis=1))
 
 
+class TiedModel(nnx.Module):
+  """Embed ids ``(batch, TOKENS)``, tanh, Linear, tanh, and the table
+  again as the output projection: the next id's logits at every token."""
+
+  def __init__(self, seed=0):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(VOCAB, 8, rngs=rngs)
+    self.mix = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, ids):
+    spec = jax.typeof(ids).sharding.spec
+    split = P(spec[0], None, None) if spec and spec[0] else None
+    h = self.embed(ids, out_sharding=split)
+    return self.embed.attend(jnp.tanh(self.mix(jnp.tanh(h))))
+
+
 def _data(arch, batch, seed=0):
+  if arch == 'tied':  # the next id, per token
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(0, VOCAB, (batch, TOKENS)), jnp.int32)
+    return ids, (ids + 1) % VOCAB
   if arch == 'tokens':
     rng = np.random.default_rng(seed)
     return (jnp.asarray(rng.integers(0, VOCAB, (batch, TOKENS)), jnp.int32),
@@ -109,6 +131,8 @@ def _model(arch):
     return Block(np.float32, tokens=TOKENS)
   if arch == 'tokens':
     return TokenModel()
+  if arch == 'tied':
+    return TiedModel()
   return ResNet() if arch == 'resnet' else ConvNet()
 
 
@@ -157,7 +181,7 @@ CHECKS = ([('explicit', 'mlp', c) for c in EXACT + ('sibp_linearized_cg',)] +
           [('explicit', 'convnet', c) for c in ('sibp_linearized',
                                                 'proxbp_cg3')] +
           [('explicit', 'resnet', 'sibp_linearized')] +
-          [('explicit', 'tokens', 'sibp_linearized')] +
+          [('explicit', a, 'sibp_linearized') for a in ('tokens', 'tied')] +
           [('gspmd', 'mlp', c) for c in EXACT[:2]] +
           [('gspmd', 'transformer', 'sibp_linearized')] +
           [('gspmd_default', 'mlp', 'sibp_linearized')])

@@ -15,8 +15,6 @@ variant and applications of different shapes are refused by name; SIBP
 trains both models under ``jit``.
 """
 
-import functools
-
 import chex
 import flax.linen as nn
 import jax
@@ -31,6 +29,7 @@ from sibp_jax._src import problems as problems_lib
 from sibp_jax._src import rules
 from sibp_jax._src import solvers
 
+from _models import limit_updates
 from _models import xent
 
 
@@ -80,26 +79,6 @@ def _linen_params(dtype):
   return LinenReused(dtype).init(jax.random.key(0), x)['params']
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _limit_updates(adapter, params, x, y, tau, lam):
-  if adapter == 'nnx':
-    model = nnx.merge(*params)
-    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, x, y, loss_fn=xent)
-    grads = nnx.as_pure(grads)
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-  else:
-    _, grads, problems = sibp_jax.linen.value_grad_and_problems(
-        LinenReused(jnp.float64), params, x, y, loss_fn=xent)
-
-  def update(tx):
-    return tx.update(grads, tx.init(params), params, problems=problems)[0]
-
-  return grads, (update(sibp_jax.scale_by_proxbp(tau)),
-                 update(sibp_jax.scale_by_sibp(0.5, lambda_w=lam,
-                                               lambda_b=lam)))
-
-
 def _params(adapter):
   if adapter == 'nnx':
     graphdef, state = nnx.split(Reused(jnp.float64))
@@ -121,8 +100,9 @@ def _relative_error(updates, grads, scale):
 def test_shared_layer_tends_to_backprop(adapter):
   x, y = _data(jnp.float64)
   settings = ((1e-5, 1e4), (1e-6, 1e5))
-  runs = [_limit_updates(adapter, _params(adapter), x, y, jnp.float64(tau),
-                         jnp.float64(lam)) for tau, lam in settings]
+  linen = None if adapter == 'nnx' else LinenReused(jnp.float64)
+  runs = [limit_updates(linen, _params(adapter), x, y, jnp.float64(tau),
+                        jnp.float64(lam))[1:] for tau, lam in settings]
   for which, scale_of in ((0, lambda tau, lam: 1 / tau),
                           (1, lambda tau, lam: lam / len(x))):
     errors = []
@@ -142,10 +122,11 @@ def test_nnx_and_linen_agree_on_a_shared_layer():
   linen_params = jax.tree.map(lambda v: v, {
       name: {'kernel': state[name]['kernel'], 'bias': state[name]['bias']}
       for name in ('a', 'h', 'b')})
-  _, (nnx_prox, nnx_sibp) = _limit_updates(
-      'nnx', (graphdef, state), x, y, jnp.float64(0.1), jnp.float64(1.0))
-  _, (linen_prox, linen_sibp) = _limit_updates(
-      'linen', linen_params, x, y, jnp.float64(0.1), jnp.float64(1.0))
+  _, _, (nnx_prox, nnx_sibp) = limit_updates(
+      None, (graphdef, state), x, y, jnp.float64(0.1), jnp.float64(1.0))
+  _, _, (linen_prox, linen_sibp) = limit_updates(
+      LinenReused(jnp.float64), linen_params, x, y, jnp.float64(0.1),
+      jnp.float64(1.0))
   for ours, theirs in ((nnx_prox, linen_prox), (nnx_sibp, linen_sibp)):
     chex.assert_trees_all_close(
         {k: dict(v) for k, v in ours.items()}, theirs, rtol=1e-10)
@@ -164,9 +145,9 @@ def test_shared_layer_is_refused_by_the_paper_variant():
     tx.update(grads, tx.init(params), params, problems=problems)
 
 
-def test_sibp_trains_a_network_with_a_shared_layer():
-  x, y = _data(jnp.float32, batch=64)
-  model = Reused()
+def _sibp_losses(model, x, y, steps=30):
+  """The losses of ``steps`` jitted SIBP (η 0.3) steps on one batch; each
+  step must be finite."""
   optimizer = nnx.Optimizer(model, sibp_jax.sibp(0.3), wrt=nnx.Param)
 
   @nnx.jit
@@ -174,11 +155,20 @@ def test_sibp_trains_a_network_with_a_shared_layer():
     loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
         model, x, y, loss_fn=xent)
     optimizer.update(model, grads, problems=problems)
-    return loss
+    return loss, optimizer.opt_state.inner.info.finite[...]
 
-  losses = [float(step(model, optimizer)) for _ in range(30)]
+  losses = []
+  for _ in range(steps):
+    loss, finite = step(model, optimizer)
+    assert bool(finite)
+    losses.append(float(loss))
+  return losses
+
+
+def test_sibp_trains_a_network_with_a_shared_layer():
+  x, y = _data(jnp.float32, batch=64)
+  losses = _sibp_losses(Reused(), x, y)
   assert np.isfinite(losses).all() and losses[-1] < 0.75 * losses[0], losses
-  assert bool(optimizer.opt_state.inner.info.finite[...])
 
 
 class Tied(nnx.Module):
@@ -210,26 +200,6 @@ def _tokens(batch=8, length=6):
           jnp.asarray(rng.integers(0, 5, (batch, length))))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _tied_updates(adapter, params, ids, y, tau, lam):
-  if adapter == 'nnx':
-    model = nnx.merge(*params)
-    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, ids, y, loss_fn=xent)
-    grads = nnx.as_pure(grads)
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-  else:
-    _, grads, problems = sibp_jax.linen.value_grad_and_problems(
-        LinenTied(jnp.float64), params, ids, y, loss_fn=xent)
-
-  def update(tx):
-    return tx.update(grads, tx.init(params), params, problems=problems)[0]
-
-  return grads, problems.terms, (
-      update(sibp_jax.scale_by_proxbp(tau)),
-      update(sibp_jax.scale_by_sibp(0.5, lambda_w=lam, lambda_b=lam)))
-
-
 @pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('adapter', ['nnx', 'linen'])
 def test_tied_embeddings_tend_to_backprop(adapter):
@@ -241,13 +211,15 @@ def test_tied_embeddings_tend_to_backprop(adapter):
   else:
     params = LinenTied(jnp.float64).init(jax.random.key(0), ids)['params']
   settings = ((1e-5, 1e4), (1e-6, 1e5))
-  runs = [_tied_updates(adapter, params, ids, y, jnp.float64(tau),
+  linen = None if adapter == 'nnx' else LinenTied(jnp.float64)
+  runs = [limit_updates(linen, params, ids, y, jnp.float64(tau),
                         jnp.float64(lam)) for tau, lam in settings]
   for which, scale_of in ((0, lambda tau, lam, n: 1 / tau),
                           (1, lambda tau, lam, n: lam / n)):
     errors = [_relative_error(updates[which], grads,
-                              scale_of(tau, lam, float(terms)))
-              for (tau, lam), (grads, terms, updates) in zip(settings, runs)]
+                              scale_of(tau, lam, float(problems.terms)))
+              for (tau, lam), (problems, grads, updates) in zip(settings,
+                                                                runs)]
     assert errors[1] < 1e-3, (which, errors)
     assert errors[1] < 0.2 * errors[0], (which, errors)
 
@@ -324,16 +296,5 @@ def test_tied_embeddings_are_refused_by_the_paper_variant():
 def test_sibp_trains_tied_embeddings():
   ids, _ = _tokens(batch=32)
   y = (ids + 1) % 5  # the next id: learnable through the tied table
-  model = Tied()
-  optimizer = nnx.Optimizer(model, sibp_jax.sibp(0.3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, ids, y, loss_fn=xent)
-    optimizer.update(model, grads, problems=problems)
-    return loss
-
-  losses = [float(step(model, optimizer)) for _ in range(30)]
+  losses = _sibp_losses(Tied(), ids, y)
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
-  assert bool(optimizer.opt_state.inner.info.finite[...])

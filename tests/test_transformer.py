@@ -14,6 +14,7 @@ from flax import nnx
 import sibp_jax
 
 from _models import Block
+from _models import limit_updates
 from _models import nnx_step
 from _models import positions
 from _models import xent
@@ -86,28 +87,6 @@ def _tokens(dtype, batch=6):
   return x, jnp.arange(batch) % 3
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _limit_updates(adapter, params, x, y, tau, lam):
-  """The gradient, ProxBP's direction at τ and SIBP's update at λ."""
-  if adapter == 'nnx':
-    graphdef, state = params
-    model = nnx.merge(graphdef, state)
-    _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
-        model, x, y, loss_fn=xent)
-    grads = nnx.as_pure(grads)
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-  else:
-    _, grads, problems = sibp_jax.linen.value_grad_and_problems(
-        LinenBlock(jnp.float64), params, x, y, loss_fn=xent)
-
-  def update(tx):
-    return tx.update(grads, tx.init(params), params, problems=problems)[0]
-
-  return problems, grads, problems.batch_size, (
-      update(sibp_jax.scale_by_proxbp(tau)),
-      update(sibp_jax.scale_by_sibp(0.5, lambda_w=lam, lambda_b=lam)))
-
-
 @functools.cache
 def _limits(adapter):
   x, y = _tokens(jnp.float64)
@@ -116,8 +95,9 @@ def _limits(adapter):
     params = (graphdef, nnx.as_pure(state))
   else:
     params = LinenBlock(jnp.float64).init(jax.random.key(0), x)['params']
-  return [_limit_updates(adapter, params, x, y, jnp.float64(tau),
-                         jnp.float64(lam))
+  linen = None if adapter == 'nnx' else LinenBlock(jnp.float64)
+  return [limit_updates(linen, params, x, y, jnp.float64(tau),
+                        jnp.float64(lam))
           for tau, lam in ((1e-5, 1e4), (1e-6, 1e5))]
 
 
@@ -149,9 +129,9 @@ def test_every_attention_kernel_is_solved_and_tends_to_backprop(adapter):
   for which, scale_of in ((0, lambda tau, lam, b: 1 / tau),
                           (1, lambda tau, lam, b: lam / b)):
     errors = []
-    for (tau, lam), (_, grads, batch, updates) in zip(
+    for (tau, lam), (problems, grads, updates) in zip(
         ((1e-5, 1e4), (1e-6, 1e5)), runs, strict=True):
-      scale = scale_of(tau, lam, batch)
+      scale = scale_of(tau, lam, problems.batch_size)
       # Relative to the largest gradient: the key's bias has none (softmax
       # is blind to a shift of every score of a query).
       largest = max(np.abs(_leaf(grads, p)).max() for p in paths)

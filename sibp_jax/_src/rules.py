@@ -137,16 +137,18 @@ def tied_update(rule, lookups, attends, kernel) -> LayerUpdate:
     counts = counts + kind.gram_diagonal(layer.inputs, kernel.dtype, w)
     r = kind.output_rows(rule.residual(e_g))
     if w is not None:
-      r = r * w.reshape(-1, 1)
-    rhs = rhs.at[layer.inputs.reshape(-1)].add(r)
+      r = r * sharding.reshape_rows(w, (-1, 1))
+    # A sum over the rows: whole on every device when they are split.
+    rhs = rhs.at[sharding.reshape_rows(layer.inputs, (-1,))].add(
+        r, out_sharding=sharding.replicated(layer.inputs))
   gram = jnp.zeros((d, d), kernel.dtype)
   for layer, e_g in attends:
     h = layer.kind.design(layer.inputs)
     r = layer.kind.output_rows(rule.residual(e_g))
-    hw = h if layer.row_weights is None else h * layer.row_weights.reshape(
-        -1, 1).astype(kernel.dtype)
-    gram = gram + jnp.matmul(hw.T, h, precision=PRECISION)
-    rhs = rhs + jnp.matmul(r.T, hw, precision=PRECISION)
+    hw = h if layer.row_weights is None else h * sharding.reshape_rows(
+        layer.row_weights, (-1, 1)).astype(kernel.dtype)
+    gram = gram + sharding.contract_rows(hw, h, PRECISION)
+    rhs = rhs + sharding.contract_rows(r, hw, PRECISION)
   mu, q = jnp.linalg.eigh(gram)
   rotated = jnp.matmul(rhs, q, precision=PRECISION)
   delta = jnp.matmul(rotated / (mu + lam + counts[:, None]), q.T,

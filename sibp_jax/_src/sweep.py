@@ -189,7 +189,9 @@ def _graph_sweep(problems, params, rule, frozen):
   ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen, shared)
          for layer, is_frozen, shared in zip(layers, frozen, collect)]
   zero = lambda a: None if a is None else jnp.zeros_like(a)
-  slots = [jnp.zeros(layer.outputs.shape, k.dtype) if shared else
+  # A shared application's slot receives its e_g: shaped, and split over
+  # devices, like its output.
+  slots = [jnp.zeros_like(layer.outputs, k.dtype) if shared else
            (zero(k), zero(b), (jnp.zeros((), k.dtype),) * 3)
            for (k, b), layer, shared in zip(params, layers, collect)]
   model_dtypes = [layer.outputs.dtype for layer in problems.layers]
