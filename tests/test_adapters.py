@@ -165,6 +165,18 @@ class Twice(nnx.Module):
                   jax.nn.relu(self.a(x[:, None, :])).mean(axis=1))
 
 
+class ReadsKernel(nnx.Module):
+  """``a``'s kernel also enters the logits directly, besides ``a``'s
+  call: a use the sweep cannot see."""
+
+  def __init__(self):
+    self.a = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+    self.b = nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.b(jax.nn.relu(self.a(x)) + self.a.kernel[...].mean(axis=0))
+
+
 class SoftmaxAfter(nnx.Module):
   def __init__(self):
     self.a = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
@@ -203,6 +215,8 @@ class Grouped(nnx.Module):
 @pytest.mark.parametrize('model,match', [
     (Twice(), "'a' is applied more than once with inputs of different"),
     (SoftmaxAfter(), "output must be the output of its last linear layer"),
+    (ReadsKernel(), "parameter 'a/kernel' of a linear layer is also used "
+     "outside that layer's calls"),
     (Branches(), "output of layer 'a' does not reach any later linear layer"),
     (NoLinear(), r"parameters belong to no layer .*: 'w' \(NoLinear\)"),
     (Grouped(), "layer 'a': grouped convolutions"),

@@ -298,3 +298,34 @@ def test_sibp_trains_tied_embeddings():
   y = (ids + 1) % 5  # the next id: learnable through the tied table
   losses = _sibp_losses(Tied(), ids, y)
   assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_table_read_outside_its_calls_is_refused_by_name():
+  """Read directly besides its lookup and ``attend``, the table would get a
+  step that misses that use (ProxBP's small-τ direction was 33% off the
+  gradient before this check): refused, naming the parameter."""
+  class Hidden(nnx.Module):
+    def __init__(self):
+      self.embed = nnx.Embed(5, 4, rngs=nnx.Rngs(0))
+      self.mix = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+
+    def __call__(self, ids):
+      h = jnp.tanh(self.mix(self.embed(ids)))
+      return self.embed.attend(h + self.embed.embedding[...].mean(axis=0))
+
+  class LinenHidden(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      embed = nn.Embed(5, 4)
+      h = jnp.tanh(nn.Dense(4)(embed(ids)))
+      return embed.attend(h + embed.embedding.mean(axis=0))
+
+  ids, y = _tokens()
+  with pytest.raises(ValueError, match=r"parameter 'embed/embedding' of a "
+                     'linear layer is also used outside'):
+    sibp_jax.nnx.value_grad_and_problems(Hidden(), ids, y, loss_fn=xent)
+  params = LinenHidden().init(jax.random.key(0), ids)['params']
+  with pytest.raises(ValueError, match=r"parameter 'Embed_0/embedding' "
+                     'of a linear layer is also used outside'):
+    sibp_jax.linen.value_grad_and_problems(LinenHidden(), params, ids, y,
+                                           loss_fn=xent)

@@ -207,24 +207,52 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
   depends on it (a chain link, for which the segment ``s_i`` is defined).
   Raises ``ValueError``, naming the layer, when a layer's output reaches no
   later layer (its update would not follow the loss), or when the replay
-  gives a layer an input of another shape than the forward pass did. The
+  gives a layer an input of another shape than the forward pass did; and,
+  naming the parameter, when a layer's kernel or bias is read outside the
+  layer's calls (the replay, every call replaced by its output, still
+  depends on it). The
   trace costs nothing at run time.
   """
   n = len(records)
+  # The layers' own parameters as they sit in ``data`` (by the end of their
+  # path there): the replay must not read them, since every call of a layer
+  # is replaced by its recorded output.
+  flat, treedef = jax.tree_util.tree_flatten_with_path(data)
+  names = [tuple(problems_lib.key_name(k) for k in path) for path, _ in flat]
+  owned = {rec.path + (name,) for rec in records for name in rec.names
+           if name is not None}
+  # Data leaf index -> the parameter's path (the layer's path and name).
+  found = {i: p for i, name in enumerate(names) for p in owned
+           if name[len(name) - len(p):] == p}
+  own = sorted(found)
 
-  def replay(x, outputs):
+  def replay(x, outputs, params):
+    leaves = [leaf for _, leaf in flat]
+    for i, value in zip(own, params):
+      leaves[i] = value
     inputs = [None] * n
 
     def hook(index, f):
       inputs[index] = f
       return outputs[index]
-    graph(data, x, hook)
-    return inputs
+    out = graph(jax.tree.unflatten(treedef, leaves), x, hook)
+    return inputs + [out]
 
-  closed = jax.make_jaxpr(replay)(x, [r.outputs for r in records])
+  closed = jax.make_jaxpr(replay)(x, [r.outputs for r in records],
+                                  [flat[i][1] for i in own])
   n_x = len(jax.tree.leaves(x))
-  groups = ['x'] * n_x + list(range(n))
+  groups = (['x'] * n_x + list(range(n)) +
+            [('param', i) for i in own])
   deps = _dependencies(closed.jaxpr, groups)
+  for group in sorted(frozenset().union(*deps), key=str):
+    if isinstance(group, tuple):
+      raise ValueError(
+          f"the parameter '{problems_lib.path_str(found[group[1]])}' of a "
+          'linear layer is also used outside that layer\'s calls (read '
+          'directly by other code): SIBP and ProxBP solve a layer from its '
+          "calls alone and would not see that use. Use the layer's own "
+          'methods (a call, Embed.attend), or another parameter.')
+  deps = deps[:n]
   for rec, aval in zip(records, closed.out_avals):
     if aval.shape != rec.inputs.shape:
       raise ValueError(

@@ -65,6 +65,14 @@ class LayerType:
                  and getattr(module, self.bias, True) is not None)
     return self.kernel, self.bias if with_bias else None
 
+  def use(self, module, method: str):
+    """``(names, describe)`` of a call of ``module``'s ``method``: its own
+    call (kernel and bias), or a method of :attr:`also` (the kernel alone,
+    with that method's kind)."""
+    if method == '__call__':
+      return self.names(module), self.describe
+    return (self.kernel, None), dict(self.also)[method]
+
   def check_call(self, name: str, args, kwargs) -> None:
     """Refuses a call that passes one of the :attr:`fixed` arguments."""
     given = [k for k in self.fixed if kwargs.get(k) is not None]

@@ -27,16 +27,14 @@ def _interceptor(next_fun, args, kwargs, context):
   path = tuple(module.path)
   tape.modules.setdefault(path, type(module))
   entry = flax_layers.lookup(module)
-  also = dict(entry.also) if entry is not None else {}
   method = context.method_name
-  if entry is None or (method != '__call__' and method not in also):
+  if entry is None or (method != '__call__' and
+                       method not in dict(entry.also)):
     return next_fun(*args, **kwargs)
   name = problems_lib.path_str(path)
   if method == '__call__':
     entry.check_call(name, args[1:], kwargs)
-    names, describe = entry.names(module), entry.describe
-  else:  # a method applying the kernel alone (Embed.attend)
-    names, describe = (entry.kernel, None), also[method]
+  names, describe = entry.use(module, method)
   inputs = args[0]
   return tape.visit(
       path, inputs, lambda: next_fun(*args, **kwargs), names,

@@ -51,9 +51,7 @@ def _intercept(model):
       name = problems_lib.path_str(path)
       if method == '__call__':
         entry.check_call(name, args, kwargs)
-        names, describe = entry.names(self), entry.describe
-      else:  # a method applying the kernel alone (Embed.attend)
-        names, describe = (entry.kernel, None), dict(entry.also)[method]
+      names, describe = entry.use(self, method)
       return tape.visit(
           path, inputs, compute, names,
           lambda: describe(self, name, inputs.shape),

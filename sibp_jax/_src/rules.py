@@ -63,7 +63,7 @@ class LinearizedRule:
   def __call__(self, layer, kernel, bias, e_f, e_g):
     del e_f
     return _ridge_update(self.solver, layer, kernel, bias,
-                         self.residual(e_g), self.lam_kernel, self.lam_bias)
+                         self.residual(e_g), *self.lam)
 
   def residual(self, e_g):
     """The ridge problem's right-hand side ``u - g`` from ``e_g``."""
@@ -94,7 +94,7 @@ class ProxRule:
 
   def __call__(self, layer, kernel, bias, e_f, e_g):
     del e_f
-    lam = 1.0 / jnp.asarray(self.tau_prox, e_g.dtype)
+    lam = jnp.asarray(self.lam[0], e_g.dtype)
     return _ridge_update(self.solver, layer, kernel, bias,
                          self.residual(e_g), lam, lam)
 
@@ -104,6 +104,7 @@ class ProxRule:
 
   @property
   def lam(self):
+    """``(λ_kernel, λ_bias)``, both ``1 / τ_prox``."""
     lam = 1.0 / jnp.asarray(self.tau_prox)
     return lam, lam
 
