@@ -79,7 +79,9 @@ METHODS.update({
     'sibp_adam': ('sibp_adam', {}), 'sibp_nesterov': ('sibp_nesterov', {}),
     'sibp_adam_cosine': ('sibp_adam', {'schedule': 'cosine'}),
     'adam_cosine': ('adam', {'schedule': 'cosine'}),
-    'muon_cosine': ('muon', {'schedule': 'cosine'})})
+    'muon_cosine': ('muon', {'schedule': 'cosine'}),
+    # The paper's step for the norm parameters (sibp's default: Adam).
+    'sibp_others_gradient': ('sibp_linearized', {'others': 'gradient'})})
 # Learning-rate grids besides the registry's (the same three values per
 # method): SIBP's eta for the tuned tables, the larger rates a decaying
 # schedule allows.

@@ -88,8 +88,9 @@ HELP = {
     'sibp_eta': "sibp_adam, sibp_nesterov: SIBP's neuron step eta (the "
                 'learning rate is the outer optimizer\'s)',
     'others': 'sibp, sibp_paper, sibp_linearized: the step of the '
-              'parameters no layer owns (norm scales and biases): the '
-              'gradient times eta, or Adam at 1e-3',
+              'parameters no layer owns (norm scales and biases): Adam at '
+              "1e-3 (sibp's default), or the gradient times eta (the "
+              "paper's)",
     'schedule': 'learning rate over --epochs: constant, or cosine decay to 0 '
                 '(warmup_cosine: after a linear warm-up over the first '
                 'twentieth)',
@@ -144,9 +145,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         model='proxprop_convnet', batch_size=500, epochs=3, methods=_methods(
             proxbp=('proxbp', {'tau_prox': 1.0, 'proxbp_outer': 'adam',
                                'proxbp_solver': 'cg3'}, (3e-4, 1e-3, 3e-3)))),
+    # resnet20, vit: 'sibp_linearized' is the paper's step for the norm
+    # parameters too (the gradient times eta), 'sibp_others_adam' sibp's
+    # default (Adam for them).
     'resnet20': dict(  # ResNet-20: SIBP's eta on a grid, the usual baselines
         model='resnet20', batch_size=128, epochs=5, methods={
-            'sibp_linearized': ('sibp_linearized', {}, (0.03, 0.1, 0.3, 1.0)),
+            'sibp_linearized': ('sibp_linearized', {'others': 'gradient'},
+                                (0.03, 0.1, 0.3, 1.0)),
             'proxbp': ('proxbp', {}, (1.0,)),
             'sgd_momentum': ('sgd_momentum', {'schedule': 'cosine'}, (0.1,)),
             'adam': ('adam', {}, (1e-3,)),
@@ -156,7 +161,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  (1.0,))}),
     'vit': dict(  # a small vision transformer, three rates per method
         model='vit', batch_size=128, epochs=5, methods={
-            'sibp_linearized': ('sibp_linearized', {}, (0.01, 0.03, 0.1)),
+            'sibp_linearized': ('sibp_linearized', {'others': 'gradient'},
+                                (0.01, 0.03, 0.1)),
             'proxbp': ('proxbp', {}, None),
             'adamw': ('adamw', {}, None),
             'muon': ('muon', {}, None),

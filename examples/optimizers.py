@@ -54,8 +54,8 @@ class Method:
 def _sibp(variant: str | None):
   def make(lr, hp):
     kwargs = {'lambda_w': hp.lambda_w, 'lambda_b': hp.lambda_b}
-    if hp.others == 'adam':
-      kwargs['others'] = optax.adam(OTHERS_ADAM_LEARNING_RATE)
+    if hp.others == 'gradient':  # the paper's: a gradient step of size eta
+      kwargs['others'] = None
     if variant == 'paper':
       kwargs['nonlinear_solver'] = sibp_jax.NonlinearCG(
           iterations=hp.inner_iterations)
@@ -123,9 +123,9 @@ PROXBP_ADAM_LEARNING_RATE = 1e-3
 PROXBP_SOLVERS = ('exact', 'cg3', 'cg5', 'cg10')
 PROXBP_OUTERS = ('nesterov', 'adam')
 # SIBP's parameters no layer owns (normalisation scales and biases): the
-# plain gradient step of size eta, or Adam at its usual rate.
+# Adam at its usual rate (sibp's default), or the paper's plain gradient
+# step of size eta.
 OTHERS = ('gradient', 'adam')
-OTHERS_ADAM_LEARNING_RATE = 1e-3
 # Learning-rate schedules over the whole run: constant, cosine decay to 0,
 # or the same decay after a linear warm-up from 0 over the first 5 %.
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
@@ -145,7 +145,7 @@ class Hyperparameters:
   proxbp_outer: str = 'nesterov'
   schedule: str = 'constant'
   sibp_eta: float = 0.1
-  others: str = 'gradient'
+  others: str = 'adam'
 
 
 def default_learning_rate(name: str, hp: Any = None) -> float:

@@ -66,7 +66,8 @@ from _models import xent  # noqa: E402
 # tanh, mean over tokens, a dense head) checks the embedding's lookup,
 # counts and scatter under explicit sharding; the tied one (`tied`: the
 # same table as the output projection through `attend`, a per-token loss)
-# the tied solve's counts, scatter and `d × d` Gram.
+# the tied solve's counts, scatter and `d × d` Gram; the scanned one
+# (`scanned`) a scan over stacked layers and a layer applied twice.
 SIZES = (100, 120, 10)
 BATCH = 40
 TOKENS = 5
@@ -107,6 +108,32 @@ class TiedModel(nnx.Module):
     return self.embed.attend(jnp.tanh(self.mix(jnp.tanh(h))))
 
 
+class ScannedModel(nnx.Module):
+  """Linear, a scan over two stacked Linear layers (one layer per step,
+  each its slice of the stacked kernel), a Linear applied twice (shared:
+  one problem with both applications' rows), Linear head."""
+
+  def __init__(self, seed=0):
+    rngs = nnx.Rngs(seed)
+    self.a = nnx.Linear(SIZES[0], 16, rngs=rngs)
+
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(16, 16, rngs=rngs)
+
+    self.blocks = make(rngs)
+    self.mix = nnx.Linear(16, 16, rngs=rngs)
+    self.head = nnx.Linear(16, SIZES[-1], rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.a(x))
+    h = nnx.scan(lambda h, layer: jnp.tanh(layer(h)),
+                 in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.blocks)
+    h = jnp.tanh(self.mix(jnp.tanh(self.mix(h))))
+    return self.head(h)
+
+
 def _data(arch, batch, seed=0):
   if arch == 'tied':  # the next id, per token
     rng = np.random.default_rng(seed)
@@ -116,7 +143,7 @@ def _data(arch, batch, seed=0):
     rng = np.random.default_rng(seed)
     return (jnp.asarray(rng.integers(0, VOCAB, (batch, TOKENS)), jnp.int32),
             jnp.asarray(rng.integers(0, SIZES[-1], batch), jnp.int32))
-  if arch == 'mlp':
+  if arch in ('mlp', 'scanned'):
     return classification(batch=batch, d_in=SIZES[0], seed=seed)
   if arch == 'transformer':
     x, y = classification(batch=batch, d_in=TOKENS * 6, seed=seed)
@@ -133,6 +160,8 @@ def _model(arch):
     return TokenModel()
   if arch == 'tied':
     return TiedModel()
+  if arch == 'scanned':
+    return ScannedModel()
   return ResNet() if arch == 'resnet' else ConvNet()
 
 
@@ -181,7 +210,8 @@ CHECKS = ([('explicit', 'mlp', c) for c in EXACT + ('sibp_linearized_cg',)] +
           [('explicit', 'convnet', c) for c in ('sibp_linearized',
                                                 'proxbp_cg3')] +
           [('explicit', 'resnet', 'sibp_linearized')] +
-          [('explicit', a, 'sibp_linearized') for a in ('tokens', 'tied')] +
+          [('explicit', a, 'sibp_linearized')
+           for a in ('tokens', 'tied', 'scanned')] +
           [('gspmd', 'mlp', c) for c in EXACT[:2]] +
           [('gspmd', 'transformer', 'sibp_linearized')] +
           [('gspmd_default', 'mlp', 'sibp_linearized')])

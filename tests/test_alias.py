@@ -161,19 +161,45 @@ def test_sibp_outer_must_be_a_transformation():
     sibp_jax.sibp(LR, outer=1e-3)
 
 
+class Normed(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+    self.norm = nnx.LayerNorm(8, rngs=nnx.Rngs(1))
+    self.b = nnx.Linear(8, 3, rngs=nnx.Rngs(2))
+
+  def __call__(self, x):
+    return self.b(jax.nn.relu(self.norm(self.a(x))))
+
+
+def test_sibp_others_default_is_adam_unless_outer_takes_them():
+  """By default the LayerNorm's parameters take Adam's first step (1e-3
+  against the gradient's sign); ``others=None`` gives them the plain
+  gradient step of size η; with ``outer`` they take outer's step."""
+  x, y = classification()
+  grads, params, problems = step_inputs(Normed(), x, y)
+
+  def step(tx):
+    return tx.update(grads, tx.init(params), params, problems=problems)[0]
+
+  default, plain = step(sibp_jax.sibp(LR)), step(sibp_jax.sibp(LR,
+                                                              others=None))
+  chex.assert_trees_all_close(default['norm'], jax.tree.map(
+      lambda g: -1e-3 * jnp.sign(g), grads['norm']), rtol=1e-3, atol=1e-9)
+  chex.assert_trees_all_close(
+      plain['norm'], jax.tree.map(lambda g: -LR * g, grads['norm']), **TOL)
+  for name in ('a', 'b'):
+    chex.assert_trees_all_close(default[name], plain[name], **TOL)
+  outer = step(sibp_jax.sibp(LR, outer=optax.sgd(0.5)))
+  chex.assert_trees_all_close(
+      outer['norm'], jax.tree.map(lambda g: -0.5 * g, grads['norm']), **TOL)
+  with pytest.raises(ValueError, match="others must be 'adam'"):
+    sibp_jax.sibp(LR, others='sgd')
+
+
 def test_sibp_others_steps_the_parameters_no_layer_owns():
   """``others`` takes the LayerNorm's scale and bias (here SGD at 0.5 on
   their gradient); the layers' parameters take SIBP's step unchanged; a
   skipped step moves nothing and holds ``others``'s momentum."""
-  class Normed(nnx.Module):
-    def __init__(self):
-      self.a = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
-      self.norm = nnx.LayerNorm(8, rngs=nnx.Rngs(1))
-      self.b = nnx.Linear(8, 3, rngs=nnx.Rngs(2))
-
-    def __call__(self, x):
-      return self.b(jax.nn.relu(self.norm(self.a(x))))
-
   x, y = classification()
   grads, params, problems = step_inputs(Normed(), x, y)
   plain, _ = sibp_jax.sibp(LR).update(
@@ -185,10 +211,10 @@ def test_sibp_others_steps_the_parameters_no_layer_owns():
     chex.assert_trees_all_close(routed[name], plain[name], **TOL)
   chex.assert_trees_all_close(
       routed['norm'], jax.tree.map(lambda g: -0.5 * g, grads['norm']), **TOL)
-  momentum = state.others[0].trace
+  momentum = state.outer.others[0].trace
   bad_grads, _, bad_problems = step_inputs(
       Normed(), x.at[0, 0].set(jnp.nan), y)
   skipped, held = tx.update(bad_grads, state, params, problems=bad_problems)
   assert not bool(find_info(held).finite)
   assert all(not jnp.any(u) for u in jax.tree.leaves(skipped))
-  chex.assert_trees_all_equal(held.others[0].trace, momentum)
+  chex.assert_trees_all_equal(held.outer.others[0].trace, momentum)

@@ -96,7 +96,8 @@ def test_eight_devices_give_the_one_device_step(rows):
       | {('explicit', 'convnet', c) for c in ('sibp_linearized',
                                               'proxbp_cg3')}
       | {('explicit', 'resnet', 'sibp_linearized')}
-      | {('explicit', a, 'sibp_linearized') for a in ('tokens', 'tied')}
+      | {('explicit', a, 'sibp_linearized')
+         for a in ('tokens', 'tied', 'scanned')}
       | {('gspmd', 'mlp', c) for c in exact[:2]}
       | {('gspmd', 'transformer', 'sibp_linearized')}
       | {('gspmd_default', 'mlp', 'sibp_linearized')})
@@ -140,14 +141,14 @@ def test_collectives_do_not_grow_with_the_batch(rows):
   values), never the activations.
   """
   checked = [r for r in rows if r['mode'] != 'gspmd_default']
-  assert len(checked) == 12
+  assert len(checked) == 13
   for r in checked:
     small, large = r[f'collectives_{BATCH}'], r[f'collectives_{2 * BATCH}']
     assert small, f'no collective at all? {r}'
     assert _sizes(small) == _sizes(large), r
     ops = {op for op, _ in small + large}
     assert ops == {'all-reduce'}, f'{r["mode"]}/{r["case"]}: {ops}'
-    if r['arch'] in ('mlp', 'transformer', 'tokens', 'tied'):
+    if r['arch'] in ('mlp', 'transformer', 'tokens', 'tied', 'scanned'):
       assert not _batch_sized(small, BATCH), r
       assert not _batch_sized(large, 2 * BATCH), r
 

@@ -29,6 +29,7 @@ from sibp_jax._src import problems as problems_lib
 from sibp_jax._src import rules
 from sibp_jax._src import solvers
 
+from _models import find_info
 from _models import limit_updates
 from _models import xent
 
@@ -155,7 +156,7 @@ def _sibp_losses(model, x, y, steps=30):
     loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
         model, x, y, loss_fn=xent)
     optimizer.update(model, grads, problems=problems)
-    return loss, optimizer.opt_state.inner.info.finite[...]
+    return loss, find_info(optimizer.opt_state).finite
 
   losses = []
   for _ in range(steps):

@@ -39,6 +39,18 @@ class Record:
   names: tuple[str, str | None]  # the kernel's and the bias's parameter names
   kind: Hashable
   params: tuple  # the kernel's and the bias's values (None: no bias)
+  # The slice of stacked parameters this call used (a layer of a scan over
+  # layers: one index per scan), () for the parameters themselves.
+  index: tuple[int, ...] = ()
+
+  @property
+  def key(self) -> tuple[Path, tuple[int, ...]]:
+    """Tells one layer from another: its path and the slice it uses."""
+    return self.path, self.index
+
+
+def layer_str(path: Path, index: tuple[int, ...] = ()) -> str:
+  return problems_lib.path_str(path) + ''.join(f'[{i}]' for i in index)
 
 
 class Tape:
@@ -47,16 +59,22 @@ class Tape:
   Three modes. Without arguments it records every call. With ``source`` it
   returns ``value`` in place of that layer's output and keeps the input of
   the layer at ``target`` in :attr:`captured` (a chain's segment). With
-  ``hook`` and the recorded layer ``paths`` it returns ``hook(index,
+  ``hook`` and the recorded layers' ``keys`` it returns ``hook(index,
   inputs)`` in place of every layer's output, ``index`` counting the calls
-  (the graph replay of the sweep).
+  (the graph replay of the sweep). Layers are told apart by their key:
+  their path and the slice of stacked parameters they use
+  (:attr:`Record.key`).
+
+  While a tape is active, scans and remat within the model that apply
+  layers run in the model's own trace (see :func:`transparent`), so that
+  every call is seen. :meth:`origin` says which stacked array a scan step's
+  slice came from.
   """
 
-  def __init__(self, source: Path | None = None, value=None,
-               target: Path | None = None, *, hook=None,
-               paths: tuple[Path, ...] = ()):
+  def __init__(self, source=None, value=None, target=None, *, hook=None,
+               keys: tuple = ()):
     self.source, self.value, self.target = source, value, target
-    self.hook, self.paths = hook, paths
+    self.hook, self.keys = hook, keys
     self.records: list[Record] = []
     # Module path -> class of every module called (the linen adapter fills
     # it), to tell normalisation parameters from unsolved ones.
@@ -64,60 +82,217 @@ class Tape:
     self.captured = None
     self.calls = 0
     # The JAX trace the tape records in: a layer called under another one
-    # runs inside a transformation of the model's own code (remat, scan).
+    # runs inside a transformation of the model's own code.
     self.trace = jex.get_opaque_trace_state()
+    # Layers seen inside a transformation the tape does not unroll.
+    self.nested: dict[Path, None] = {}
+    # While > 0, a trace made only to learn shapes: calls just compute.
+    self.dry = 0
+    self.dry_calls = 0
+    # id(slice) -> (slice, stacked array, index), for the scans unrolled.
+    self.slices: dict[int, tuple] = {}
+    self.pending: list[tuple] = []  # remat calls to run in this trace
+
+  def origin(self, value) -> tuple[Any, tuple[int, ...]]:
+    """The array ``value`` was sliced from by the unrolled scans (itself if
+    none), and the indices of the slice, outermost first."""
+    index = ()
+    while True:
+      entry = self.slices.get(id(value))
+      if entry is None or entry[0] is not value:
+        return value, index
+      value, index = entry[1], (entry[2],) + index
 
   def visit(self, path: Path, inputs, compute: Callable[[], Any],
             names: tuple[str, str | None], kind: Callable[[], Hashable],
-            params: Callable[[], tuple]):
+            params: Callable[[], tuple], index: tuple[int, ...] = ()):
     """Handles one call of a linear layer; ``kind()`` describes it.
 
     ``names`` are the kernel's and the bias's parameter names (the bias's
-    ``None`` for a layer without one), ``params()`` their values.
+    ``None`` for a layer without one), ``params()`` their values, ``index``
+    the slice of stacked parameters the call uses.
     """
+    key = (path, index)
+    if self.dry:
+      self.dry_calls += 1
+      return compute()
+    if jex.get_opaque_trace_state() != self.trace:
+      # A transformation the tape does not unroll (vmap, cond, ...), or a
+      # shape-only trace of Flax's own (linen's scan traces its body once
+      # before the loop): checked by :meth:`check_nested` at the end.
+      self.nested[path] = None
+      return compute()
     if self.hook is not None:
-      index = self.calls
-      if index >= len(self.paths) or self.paths[index] != path:
+      call = self.calls
+      if call >= len(self.keys) or self.keys[call] != key:
         raise ValueError(
-            f"replaying the model called layer '"
-            f"{problems_lib.path_str(path)}' as linear layer {index}, but "
-            'the forward pass called '
-            + (f"'{problems_lib.path_str(self.paths[index])}'"
-               if index < len(self.paths) else 'fewer layers')
+            f"replaying the model called layer '{layer_str(*key)}' as "
+            f'linear layer {call}, but the forward pass called '
+            + (f"'{layer_str(*self.keys[call])}'"
+               if call < len(self.keys) else 'fewer layers')
             + ': the model must apply the same layers in the same order '
             'every time it is called.')
       self.calls += 1
-      return self.hook(index, inputs)
+      return self.hook(call, inputs)
     if self.source is None:
-      if jex.get_opaque_trace_state() != self.trace:
-        raise ValueError(
-            f"the linear layer '{problems_lib.path_str(path)}' is applied "
-            'inside a JAX transformation within the model (nn.remat, '
-            'nn.scan, nnx.remat, nnx.scan, jax.checkpoint, ...): sibp_jax '
-            "records every layer's input and output in the model's own "
-            'forward pass and cannot see into one. Apply the layer directly '
-            '(remat only saves memory; unroll a scan over layers).')
       # Describe the layer before running it, so that an unsupported one is
       # named by us rather than failing inside Flax in its own words.
       layer_kind = kind()
       outputs = compute()
       self.records.append(Record(path, inputs, outputs, names, layer_kind,
-                                 params()))
+                                 params(), index))
       return outputs
-    if path == self.target:
+    if key == self.target:
       self.captured = inputs
-    if path == self.source:
+    if key == self.source:
       return self.value
     return compute()
+
+  def other(self, compute: Callable[[], Any]):
+    """Runs a layer call that is none of the model's layers (a module the
+    forward pass made, or one seen in a shape-only trace of a scan's body,
+    where slices are not known yet): counted in a dry run."""
+    if self.dry:
+      self.dry_calls += 1
+    return compute()
+
+  def check_nested(self) -> None:
+    """Refuses layers applied only inside a transformation of the model's
+    own code that the tape could not run in its trace."""
+    recorded = {r.path for r in self.records}
+    missed = [p for p in self.nested if p not in recorded]
+    if missed:
+      raise ValueError(
+          f"the linear layer '{problems_lib.path_str(missed[0])}' is applied "
+          'inside a JAX transformation within the model (jax.vmap, '
+          'lax.cond, lax.while_loop, ...): sibp_jax records every layer\'s '
+          "input and output in the model's own forward pass and cannot see "
+          'into one. Scans (nnx.scan, nn.scan, jax.lax.scan) and remat '
+          '(nnx.remat, nn.remat, jax.checkpoint) are supported; apply the '
+          'layer directly or under one of those.')
+
+  @contextlib.contextmanager
+  def dry_run(self):
+    """Calls only compute (a trace for shapes); counts them."""
+    self.dry += 1
+    try:
+      yield
+    finally:
+      self.dry -= 1
+
+  def unroll(self, f, init, xs, length, reverse):
+    """``lax.scan`` as a Python loop in the current trace, every slice of
+    ``xs`` noted for :meth:`origin`."""
+    leaves, treedef = jax.tree.flatten(xs)
+    carry, ys = init, []
+    for i in (reversed(range(length)) if reverse else range(length)):
+      sliced = []
+      for leaf in leaves:
+        part = leaf[i]
+        self.slices[id(part)] = (part, leaf, i)
+        sliced.append(part)
+      carry, y = f(carry, jax.tree.unflatten(treedef, sliced))
+      ys.append(y)
+    if reverse:
+      ys.reverse()
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
   @contextlib.contextmanager
   def active(self):
     stack = getattr(_ACTIVE, 'stack', [])
     _ACTIVE.stack = stack + [self]
     try:
-      yield self
+      with transparent():
+        yield self
     finally:
       _ACTIVE.stack = stack
+
+
+# Running scans and remat of the model in the tape's trace. A layer under
+# ``lax.scan`` or ``jax.checkpoint`` would be called with the tracers of a
+# trace of its own, whose values cannot leave it; while a tape is active
+# (the forward pass and the sweep's replays) the two run in the caller's
+# trace instead, where the tape sees every call: a scan whose body applies
+# a layer as a Python loop over its steps (a scan over layers gives one
+# layer per step, each with its slice of the stacked parameters), remat as
+# a plain call (the problems hold every layer's input and output, which is
+# what remat would recompute). Both compute the same values; scans without
+# layers, and every thread without an active tape, get JAX's own.
+_PATCH_LOCK = threading.Lock()
+_PATCHED = [0]
+try:  # remat: the call site in jax.checkpoint's wrapper
+  from jax._src import ad_checkpoint as _checkpoint
+  _TRACE_REMAT = _checkpoint._trace_to_jaxpr  # pylint: disable=protected-access
+  _BIND_REMAT = _checkpoint.remat_p.bind
+except (ImportError, AttributeError):  # another JAX: remat stays refused
+  _checkpoint = None
+_SCAN = jax.lax.scan
+
+
+def _active_tape():
+  tape = current_tape()
+  return None if tape is None or tape.dry else tape
+
+
+def _scan(f, init, xs=None, length=None, reverse=False, unroll=1,
+          _split_transpose=False):
+  tape = _active_tape()
+  leaves = jax.tree.leaves(xs)
+  if length is None and leaves:
+    length = leaves[0].shape[0]
+  if tape is not None and length:
+    # Unrolled only if the body applies a layer: one shape-only trace.
+    step = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                        xs)
+    calls = tape.dry_calls
+    with tape.dry_run():
+      jax.eval_shape(f, init, step)
+    if tape.dry_calls > calls:
+      return tape.unroll(f, init, xs, length, reverse)
+  return _SCAN(f, init, xs, length=length, reverse=reverse, unroll=unroll,
+               _split_transpose=_split_transpose)
+
+
+def _trace_remat(fun, in_tree, in_avals, debug):
+  tape = _active_tape()
+  if tape is None:
+    return _TRACE_REMAT(fun, in_tree, in_avals, debug)
+  with tape.dry_run():
+    jaxpr, consts, out_tree = _TRACE_REMAT(fun, in_tree, in_avals, debug)
+  tape.pending.append((jaxpr, fun, in_tree, out_tree, len(consts)))
+  return jaxpr, consts, out_tree
+
+
+def _bind_remat(*args, jaxpr, **params):
+  tape = _active_tape()
+  if tape is not None and tape.pending and tape.pending[-1][0] is jaxpr:
+    _, fun, in_tree, out_tree, n_consts = tape.pending.pop()
+    call_args, call_kwargs = jax.tree.unflatten(in_tree, args[n_consts:])
+    return out_tree.flatten_up_to(fun(*call_args, **call_kwargs))
+  return _BIND_REMAT(*args, jaxpr=jaxpr, **params)
+
+
+@contextlib.contextmanager
+def transparent():
+  """Installs the scan and remat above while the block runs (nested blocks
+  and other threads share one installation)."""
+  with _PATCH_LOCK:
+    if not _PATCHED[0]:
+      jax.lax.scan = _scan
+      if _checkpoint is not None:
+        _checkpoint._trace_to_jaxpr = _trace_remat
+        _checkpoint.remat_p.bind = _bind_remat
+    _PATCHED[0] += 1
+  try:
+    yield
+  finally:
+    with _PATCH_LOCK:
+      _PATCHED[0] -= 1
+      if not _PATCHED[0]:
+        jax.lax.scan = _SCAN
+        if _checkpoint is not None:
+          _checkpoint._trace_to_jaxpr = _TRACE_REMAT
+          _checkpoint.remat_p.bind = _BIND_REMAT
 
 
 def current_tape() -> Tape | None:
@@ -138,8 +313,8 @@ class SegmentFn:
 
   runner: Hashable
   input_struct: jax.ShapeDtypeStruct
-  source: Path
-  target: Path
+  source: tuple  # the layers' keys (Record.key)
+  target: tuple
 
   def replay(self, data, x, g):
     tape = Tape(self.source, g, self.target)
@@ -148,9 +323,9 @@ class SegmentFn:
     if tape.captured is None:
       raise ValueError(
           f"replaying the model with the output of '"
-          f"{problems_lib.path_str(self.source)}' given never reached "
-          f"'{problems_lib.path_str(self.target)}': the model's layers are "
-          'not a fixed chain.')
+          f"{layer_str(*self.source)}' given never reached "
+          f"'{layer_str(*self.target)}': the model's layers are not a fixed "
+          'chain.')
     return tape.captured
 
   def __call__(self, data, g):
@@ -163,20 +338,21 @@ class GraphFn:
   """The model as a function of its layers' outputs (:class:`Graph`'s fn).
 
   ``runner(data, x)`` runs the model on ``x`` with interception on;
-  ``paths`` are the linear layers of the forward pass in call order.
+  ``keys`` are the linear layers of the forward pass in call order
+  (:attr:`Record.key`).
   """
 
   runner: Hashable
-  paths: tuple[Path, ...]
+  keys: tuple
 
   def __call__(self, data, x, hook):
-    tape = Tape(hook=hook, paths=self.paths)
+    tape = Tape(hook=hook, keys=self.keys)
     with tape.active():
       out = self.runner(data, x)
-    if tape.calls != len(self.paths):
+    if tape.calls != len(self.keys):
       raise ValueError(
           f'replaying the model called {tape.calls} linear layers, the '
-          f'forward pass {len(self.paths)}: the model must apply the same '
+          f'forward pass {len(self.keys)}: the model must apply the same '
           'layers every time it is called.')
     return out
 
@@ -256,13 +432,13 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
   for rec, aval in zip(records, closed.out_avals):
     if aval.shape != rec.inputs.shape:
       raise ValueError(
-          f"replaying layer '{problems_lib.path_str(rec.path)}' gave an "
+          f"replaying layer '{layer_str(*rec.key)}' gave an "
           f'input of shape {aval.shape}, but the forward pass had '
           f'{rec.inputs.shape}.')
   for i, rec in enumerate(records[:-1]):
     if not any(i in d for d in deps[i + 1:]):
       raise ValueError(
-          f"the output of layer '{problems_lib.path_str(rec.path)}' does "
+          f"the output of layer '{layer_str(*rec.key)}' does "
           "not reach any later linear layer, so it does not reach the "
           "model's output: every linear layer must contribute to the "
           'output.')
@@ -270,8 +446,8 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
           not any(i in d for d in deps[i + 2:]) for i in range(n - 1)]
 
 
-def shared_layers(records: list[Record]) -> set[Path]:
-  """The paths of the layers applied more than once (shared weights).
+def shared_layers(records: list[Record]) -> set:
+  """The keys of the layers applied more than once (shared weights).
 
   Their applications are solved as one problem whose rows are all of
   theirs, so they must agree in kind and in every axis but the first
@@ -279,21 +455,21 @@ def shared_layers(records: list[Record]) -> set[Path]:
   which the tied solve takes in any shape); otherwise a ``ValueError``
   names the layer.
   """
-  seen: dict[Path, Record] = {}
+  seen: dict = {}
   shared = set()
-  tied = {r.path for r in records if isinstance(r.kind, kinds.Attend)}
+  tied = {r.key for r in records if isinstance(r.kind, kinds.Attend)}
   for rec in records:
-    first = seen.setdefault(rec.path, rec)
+    first = seen.setdefault(rec.key, rec)
     if first is rec:
       continue
-    shared.add(rec.path)
-    if rec.path in tied:  # lookups and attends: rows of any shape
+    shared.add(rec.key)
+    if rec.key in tied:  # lookups and attends: rows of any shape
       continue
     if (rec.kind != first.kind or rec.inputs.shape[1:] !=
         first.inputs.shape[1:] or rec.outputs.shape[1:] !=
         first.outputs.shape[1:]):
       raise ValueError(
-          f"the linear layer '{problems_lib.path_str(rec.path)}' is applied "
+          f"the linear layer '{layer_str(*rec.key)}' is applied "
           'more than once with inputs of different shapes ('
           f'{first.inputs.shape} and {rec.inputs.shape}) or settings: its '
           'applications are solved as one problem whose rows are all of '
@@ -330,7 +506,7 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
         "the model's output must be the output of its last linear layer "
         f"('{problems_lib.path_str(records[-1].path)}'), with nothing applied "
         'after it: put any final activation into loss_fn.')
-  graph = GraphFn(runner, tuple(r.path for r in records))
+  graph = GraphFn(runner, tuple(r.key for r in records))
   shared = shared_layers(records)
   links = (chain_links(graph, data, x, records) if check else
            [True] * (len(records) - 1))
@@ -339,19 +515,19 @@ def build_problems(records: list[Record], output_error, logits, *, runner,
   for i, rec in enumerate(records):
     segment = None
     # A segment names its ends by path, which a shared layer does not fix.
-    if (i + 1 < len(records) and links[i] and rec.path not in shared and
-        records[i + 1].path not in shared):
+    if (i + 1 < len(records) and links[i] and rec.key not in shared and
+        records[i + 1].key not in shared):
       segment = problems_lib.Segment(
-          SegmentFn(runner, struct, rec.path, records[i + 1].path), data)
+          SegmentFn(runner, struct, rec.key, records[i + 1].key), data)
     layers.append(problems_lib.LayerProblem(
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
         kind=rec.kind, kernel_path=prefix + rec.path + (rec.names[0],),
         bias_path=(None if rec.names[1] is None else
                    prefix + rec.path + (rec.names[1],)),
-        params=rec.params,
+        params=rec.params, index=rec.index,
         row_weights=None if weights is None else row_weights(
             weights, rec.kind.row_shape(rec.outputs.shape),
-            problems_lib.path_str(rec.path))))
+            layer_str(*rec.key))))
   return problems_lib.Problems(tuple(layers), output_error,
                                problems_lib.Graph(graph, data, x), loss_terms)
 

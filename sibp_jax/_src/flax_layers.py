@@ -322,9 +322,9 @@ def unsolved_parameters(param_paths, owned, modules) -> list[str]:
       found.append(names)
     elif any(issubclass(cls, t.nnx + t.linen) for t in LAYERS):
       found.append(f'{names} (a {cls.__name__} that the forward pass did '
-                   'not apply itself: unused, or called inside a '
-                   'transformation such as nnx.remat or nnx.scan, or on a '
-                   'copy)')
+                   'not apply itself: unused, or called on a copy of the '
+                   'module, or inside a transformation sibp_jax does not '
+                   'unroll such as jax.vmap)')
     else:
       found.append(f'{names} ({cls.__name__})')
   return found
@@ -354,5 +354,5 @@ def check_parameters(param_paths, owned, modules, unsolved: str) -> None:
       '(normalisation scales and biases take the gradient by design). '
       'Express these layers with those, or pass '
       "unsolved='gradient' to value_grad_and_problems to let them take the "
-      'incoming gradient (sibp: a plain gradient step of size learning_rate; '
+      "incoming gradient (sibp: its optimizer 'others', Adam by default; "
       'proxbp: its outer optimizer).')

@@ -31,7 +31,9 @@ def _interceptor(next_fun, args, kwargs, context):
   if entry is None or (method != '__call__' and
                        method not in dict(entry.also)):
     return next_fun(*args, **kwargs)
-  name = problems_lib.path_str(path)
+  # Inside nn.scan over layers the kernel is a slice of the stacked one.
+  _, index = tape.origin(module.get_variable('params', entry.kernel))
+  name = capture.layer_str(path, index)
   if method == '__call__':
     entry.check_call(name, args[1:], kwargs)
   names, describe = entry.use(module, method)
@@ -40,7 +42,7 @@ def _interceptor(next_fun, args, kwargs, context):
       path, inputs, lambda: next_fun(*args, **kwargs), names,
       lambda: describe(module, name, inputs.shape),
       lambda: tuple(None if n is None else module.get_variable('params', n)
-                    for n in names))
+                    for n in names), index)
 
 
 def _is_variables(params) -> bool:
@@ -132,19 +134,26 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
   runs any parameter-free code, including residual additions, branches,
   pooling, normalisation (``BatchNorm``, ``LayerNorm``, ``GroupNorm``:
   their scale and bias are held at their current values in the sweep and
-  take the plain gradient) and ``Dropout``. The sweep replays the module
+  take the incoming gradient) and ``Dropout``. The sweep replays the module
   with the same ``rngs``, variables and arguments, so it sees the forward
   pass's dropout mask and batch statistics; the collections it would
   change are discarded. A layer applied several times (shared weights)
   and an ``Embed`` also used by ``attend`` (tied embeddings) are solved
-  from all their uses. Refused with a ``ValueError`` naming the layer: a
-  layer applied twice to inputs of different shapes, a layer applied
-  inside a transformation within the module (``nn.remat``, ``nn.scan``),
-  a layer whose output reaches no later layer, an unsupported
-  convolution, a module whose output is not its last linear layer's
-  output; and, naming the
-  parameters, any parameter that no recorded layer owns and no
-  normalisation layer holds (a custom module's ``self.param``), unless
+  from all their uses. Layers under ``nn.scan`` and ``nn.remat`` (or
+  ``jax.lax.scan``, ``jax.checkpoint``) are solved as in the same module
+  written without them: a scan over layers (``variable_axes={'params':
+  0}``) is one layer per step, each owning its slice of the stacked
+  parameters (named ``stack/Dense_0[2]``); a scan over time that applies
+  one layer at every step is that layer shared by the steps. The forward
+  pass and the sweep run such scans as Python loops (a scan whose body
+  applies no layer stays a scan), so their programs grow with the number
+  of steps. Refused with a ``ValueError`` naming the layer: a
+  layer applied twice to inputs of different shapes, a layer applied inside
+  another transformation within the module (``nn.vmap``, ``jax.vmap``,
+  ``lax.cond``), a layer whose output reaches no later layer, an unsupported
+  convolution, a module whose output is not its last linear layer's output;
+  and, naming the parameters, any parameter that no recorded layer owns and
+  no normalisation layer holds (a custom module's ``self.param``), unless
   ``unsolved='gradient'``.
 
   Args:
@@ -180,8 +189,8 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
       (normalisation scales and biases aside): ``'raise'`` (default)
       refuses the module with a ``ValueError`` naming them; ``'gradient'``
       lets the transformations hand them the incoming gradient (``sibp``:
-      a plain gradient step of size ``learning_rate``; ``proxbp``: its
-      outer optimizer).
+      its ``others`` optimizer, Adam by default; ``proxbp``: its outer
+      optimizer).
     weights: ``None``, or a weight per example ``(B,)`` or per position
       ``(B, T, ...)`` (padding, masked tokens: 0 drops the term). The
       mean loss becomes ``J = Σ w ℓ / Σ w`` (per-position weights

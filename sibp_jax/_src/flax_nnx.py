@@ -13,7 +13,6 @@ from flax import nnx
 from sibp_jax._src import capture
 from sibp_jax._src import flax_layers
 from sibp_jax._src import forward as forward_lib
-from sibp_jax._src import problems as problems_lib
 
 # The unpatched methods, taken once: nested interception must never call an
 # already-patched method (it would record a layer twice).
@@ -24,9 +23,14 @@ _OTHER = {(cls, name): getattr(cls, name) for entry in flax_layers.LAYERS
 _LOCK = threading.RLock()
 
 
-def _layer_paths(model) -> dict[int, tuple]:
-  return {id(m): tuple(path) for path, m in nnx.iter_modules(model)
-          if flax_layers.lookup(m) is not None}
+def _layer_paths(model) -> tuple[dict[int, tuple], dict[int, tuple]]:
+  """The paths of ``model``'s layers by the id of the module and by the id
+  of its kernel's value (for the copies nnx.scan and nnx.remat make)."""
+  layers = [(tuple(path), m) for path, m in nnx.iter_modules(model)
+            if flax_layers.lookup(m) is not None]
+  return ({id(m): path for path, m in layers},
+          {id(getattr(m, flax_layers.lookup(m).kernel)[...]): path
+           for path, m in layers})
 
 
 @contextlib.contextmanager
@@ -38,17 +42,24 @@ def _intercept(model):
   lock, restored on exit). Instances of other models are unaffected: only
   layers of ``model`` are looked up.
   """
-  paths = _layer_paths(model)
+  paths, by_kernel = _layer_paths(model)
 
   def patched(original, method='__call__'):
     def call(self, inputs, *args, **kwargs):
       tape = capture.current_tape()
-      path = paths.get(id(self))
       compute = lambda: original(self, inputs, *args, **kwargs)
-      if tape is None or path is None:
+      if tape is None:
         return compute()
+      path, index = paths.get(id(self)), ()
       entry = flax_layers.lookup(self)
-      name = problems_lib.path_str(path)
+      if path is None:
+        # A copy of a layer made by nnx.scan (its kernel a slice of the
+        # stacked one) or nnx.remat (the same kernel).
+        root, index = tape.origin(getattr(self, entry.kernel)[...])
+        path = by_kernel.get(id(root))
+      if path is None:  # not a layer of this model
+        return tape.other(compute)
+      name = capture.layer_str(path, index)
       if method == '__call__':
         entry.check_call(name, args, kwargs)
       names, describe = entry.use(self, method)
@@ -56,7 +67,7 @@ def _intercept(model):
           path, inputs, compute, names,
           lambda: describe(self, name, inputs.shape),
           lambda: tuple(None if n is None else getattr(self, n)[...]
-                        for n in names))
+                        for n in names), index)
     return call
 
   with _LOCK:
@@ -104,19 +115,27 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
   runs any parameter-free code, including residual additions, branches,
   concatenation, pooling, normalisation (``BatchNorm``, ``LayerNorm``,
   ``GroupNorm``: their scale and bias are held at their current values in
-  the sweep and take the plain gradient) and ``Dropout``. The sweep
+  the sweep and take the incoming gradient) and ``Dropout``. The sweep
   replays the model from the state the forward pass started from, so it
   sees the forward pass's dropout mask and batch statistics. A layer
   applied several times (shared weights) and an ``Embed`` also used by
-  ``attend`` (tied embeddings) are solved from all their uses. Refused
-  with a ``ValueError`` naming the layer: a layer applied twice to inputs
-  of different shapes, a layer applied inside a transformation within the
-  model (``nnx.remat``, ``nnx.scan``), a layer whose output reaches no
-  later layer, an unsupported convolution, a model whose output is not its
-  last linear layer's output; and, naming the parameters, any
-  ``nnx.Param`` that no recorded layer owns and no normalisation layer
-  holds (a custom module's kernel, an ``nnx.LoRA`` adapter, a layer the
-  forward pass did not call), unless ``unsolved='gradient'``.
+  ``attend`` (tied embeddings) are solved from all their uses. Layers
+  under ``nnx.scan`` and ``nnx.remat`` (or ``jax.lax.scan``,
+  ``jax.checkpoint``) are solved as in the same model written without
+  them: a scan over layers stacked by ``nnx.vmap`` is one layer per step,
+  each owning its slice of the stacked parameters (named
+  ``blocks/linear[2]``); a scan over time that applies one layer at every
+  step is that layer shared by the steps. The forward pass and the sweep
+  run such scans as Python loops (a scan whose body applies no layer
+  stays a scan), so their programs grow with the number of steps. Refused
+  with a ``ValueError`` naming the layer: a layer applied twice to inputs of
+  different shapes, a layer applied inside another transformation within the
+  model (``nnx.vmap``, ``jax.vmap``, ``lax.cond``), a layer whose output
+  reaches no later layer, an unsupported convolution, a model whose output is
+  not its last linear layer's output; and, naming the parameters, any
+  ``nnx.Param`` that no recorded layer owns and no normalisation layer holds
+  (a custom module's kernel, an ``nnx.LoRA`` adapter, a layer the forward
+  pass did not call), unless ``unsolved='gradient'``.
 
   Args:
     model: an ``nnx.Module`` built from ``nnx.Linear`` / ``nnx.Conv`` layers.
@@ -138,8 +157,8 @@ def value_grad_and_problems(model: nnx.Module, x, y, *, loss_fn,
       (normalisation scales and biases aside): ``'raise'`` (default)
       refuses the model with a ``ValueError`` naming them; ``'gradient'``
       lets the transformations hand them the incoming gradient (``sibp``:
-      a plain gradient step of size ``learning_rate``; ``proxbp``: its
-      outer optimizer).
+      its ``others`` optimizer, Adam by default; ``proxbp``: its outer
+      optimizer).
     weights: ``None``, or a weight per example ``(B,)`` or per position
       ``(B, T, ...)`` (padding, masked tokens: 0 drops the term). The
       mean loss becomes ``J = Σ w ℓ / Σ w`` (per-position weights

@@ -96,6 +96,7 @@ class Forward:
     tape = capture.Tape()
     with tape.active():
       logits, extra = run()
+    tape.check_nested()
     losses = self.loss_fn(logits, self.y)
     check_batch(self.x, self.y, logits, losses)
     self.records = tape.records

@@ -34,7 +34,9 @@ class LayerwiseInfo(NamedTuple):
 
   The per-layer fields are dicts keyed by the layer's name
   (:attr:`sibp_jax.LayerProblem.name`: the path of the module that holds
-  the kernel, e.g. ``'layers/0'``). ``init`` finds the layers in the
+  the kernel, e.g. ``'layers/0'``; a layer applied several times, and the
+  layers of a scan that own slices of one stacked kernel, have one entry,
+  the worst of theirs). ``init`` finds the layers in the
   parameter tree (every parameter named ``kernel`` or ``embedding``, as
   Flax's layers name them) so that the state keeps one structure from the
   first step on; a layer of ``problems`` whose kernel is named otherwise
@@ -196,7 +198,9 @@ def _locate(name, problems, grads, params):
             f'{name}.update: layer {layer.name} has its kernel in params but '
             f"not its bias '{problems_lib.path_str(layer.bias_path)}': "
             'train or freeze a layer whole.')
-      shapes = (leaves[k].shape, None if b is None else leaves[b].shape)
+      cut = len(layer.index)  # a scanned layer's slice of stacked arrays
+      shapes = (leaves[k].shape[cut:],
+                None if b is None else leaves[b].shape[cut:])
       located.append((k, b))
     if layer.inputs.shape[0] != batch or layer.outputs.shape[0] != batch:
       raise ValueError(
@@ -231,9 +235,12 @@ def _per_layer(state_info, layers, new, layer_finite) -> tuple[dict, ...]:
     info = update.info._replace(status=jnp.where(
         ok, jnp.asarray(update.info.status, jnp.int32),
         solvers.SolveStatus.NONFINITE))
-    # A kernel used by two layer calls (shared weights): one entry.
-    found[layer.name] = (solvers.combine(found[layer.name], info)
-                         if layer.name in found else solvers.combine(info))
+    # One entry per kernel (as init_state names them): a kernel used by
+    # two layer calls (shared weights), or the slices of a scan's stacked
+    # kernel, combine theirs.
+    name = problems_lib.path_str(layer.kernel_path[:-1]) or '<root>'
+    found[name] = (solvers.combine(found[name], info) if name in found else
+                   solvers.combine(info))
   status, iterations, residual = (dict(state_info.status),
                                   dict(state_info.iterations),
                                   dict(state_info.residual))
@@ -271,7 +278,8 @@ def layerwise_update(name: str, make_rule: Callable, scale_of: Callable,
     compute = [
         tuple(None if x is None else compute_dtype(x) for x in (
             layer.params if k is None else
-            (leaves[k], None if b is None else leaves[b])))
+            (leaves[k][layer.index],
+             None if b is None else leaves[b][layer.index])))
         for layer, (k, b) in zip(problems.layers, located)]
     new = sweep.backward_sweep(problems, compute, rule, frozen=frozen)
     scale = scale_of(state.count)
@@ -286,25 +294,27 @@ def layerwise_update(name: str, make_rule: Callable, scale_of: Callable,
     out = list(grad_leaves)
     solved = [(pair, upd, layer) for pair, upd, layer in zip(
         located, new, problems.layers) if pair[0] is not None]
-    for (k, b), upd, _ in solved:
-      out[k] = direction(upd.kernel, leaves[k])
+    layer_finite = []
+    for (k, b), upd, layer in solved:
+      moves = [(k, direction(upd.kernel, leaves[k]))]
       if b is not None:
-        out[b] = direction(upd.bias, leaves[b])
-    layer_finite = [solvers.all_finite((out[k], None if b is None else out[b]))
-                    for (k, b), _, _ in solved]
+        moves.append((b, direction(upd.bias, leaves[b])))
+      layer_finite.append(solvers.all_finite([d for _, d in moves]))
+      for i, d in moves:
+        # A scanned layer fills its slice; the scan's layers fill them all.
+        out[i] = out[i].at[layer.index].set(d) if layer.index else d
     owned = {i for (k, b), _, _ in solved for i in (k, b) if i is not None}
     finite = jnp.all(jnp.stack(layer_finite + [solvers.all_finite(
         [x for i, x in enumerate(out) if i not in owned])]))
     out = [jnp.where(finite, x, jnp.zeros_like(x)) for x in out]
-    last = problems.layers[-1].kernel_path
-    if frozen[-1] or sum(layer.kernel_path == last
-                         for layer in problems.layers) > 1:
+    last = problems.layers[-1].key
+    if frozen[-1] or sum(layer.key == last for layer in problems.layers) > 1:
       # The check reads the last layer's gradient, which a frozen layer
       # does not get, and which a shared one also gets from its other
       # applications.
       grad_mismatch = jnp.zeros((), jnp.float32)
     else:
-      gradient = grad_leaves[located[-1][0]]
+      gradient = grad_leaves[located[-1][0]][problems.layers[-1].index]
       grad_mismatch = mismatch.grad_mismatch(problems, gradient,
                                              compute[-1][0])
       check(grad_mismatch, gradient.dtype)

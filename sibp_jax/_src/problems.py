@@ -101,6 +101,9 @@ class LayerProblem:
       ``None`` for a layer without one): the weights a frozen layer (one
       whose parameters the transformation is not given) passes the error
       through.
+    index: the slice of the stacked parameters at ``kernel_path`` and
+      ``bias_path`` that this layer is (a layer of a scan over layers: one
+      index per scan, outermost first), or ``()`` for the whole arrays.
     row_weights: the weight of each row of the layer's regression, shaped
       like the output's row axes (the output's shape without its feature
       axes), or ``None`` for all ones: a row of weight 0 (a padded
@@ -115,10 +118,18 @@ class LayerProblem:
   bias_path: Path | None
   params: tuple[jax.Array, jax.Array | None] | None = None
   row_weights: jax.Array | None = None
+  index: tuple[int, ...] = ()
 
   @property
   def name(self) -> str:
-    return '/'.join(str(k) for k in self.kernel_path[:-1]) or '<root>'
+    """The layer's path (a scanned layer's with its slice: ``mlp[3]``)."""
+    return (('/'.join(str(k) for k in self.kernel_path[:-1]) or '<root>') +
+            ''.join(f'[{i}]' for i in self.index))
+
+  @property
+  def key(self) -> tuple[Path, tuple[int, ...]]:
+    """Tells one layer from another: its kernel's path and slice."""
+    return self.kernel_path, self.index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +172,7 @@ jax.tree_util.register_dataclass(
 jax.tree_util.register_dataclass(
     LayerProblem,
     data_fields=['inputs', 'outputs', 'segment', 'params', 'row_weights'],
-    meta_fields=['kind', 'kernel_path', 'bias_path'])
+    meta_fields=['kind', 'kernel_path', 'bias_path', 'index'])
 jax.tree_util.register_dataclass(
     Problems, data_fields=['layers', 'output_error', 'graph', 'loss_terms'],
     meta_fields=[])

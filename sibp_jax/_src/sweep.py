@@ -184,7 +184,7 @@ def _graph_sweep(problems, params, rule, frozen):
         outputs=layer.outputs.astype(dtype)))
   hyper, rebuild = _split_rule(rule)
   groups = _applications(layers)
-  collect = [_solved_together(layers, groups[layer.kernel_path])
+  collect = [_solved_together(layers, groups[layer.key])
              and not is_frozen for layer, is_frozen in zip(layers, frozen)]
   ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen, shared)
          for layer, is_frozen, shared in zip(layers, frozen, collect)]
@@ -240,8 +240,11 @@ def _graph_sweep(problems, params, rule, frozen):
         updates[i] = update
       continue
     # One problem whose rows are every application's, with the error each
-    # received: the sum of the applications' data terms.
-    stack = lambda arrays: jnp.concatenate(arrays, axis=0)
+    # received: the sum of the applications' data terms. The rows are
+    # interleaved example by example (every application has the batch
+    # axis first), so that a batch split over devices stays where it is.
+    stack = lambda arrays: jnp.stack(arrays, axis=1).reshape(
+        (-1,) + arrays[0].shape[1:])
     weights = [m.row_weights for m in members]
     stacked = dataclasses.replace(
         members[0], inputs=stack([m.inputs for m in members]),
@@ -262,10 +265,10 @@ def _solved_together(layers, indices) -> bool:
 
 
 def _applications(layers) -> dict:
-  """Kernel path -> the indices of the layer's applications, in order."""
+  """Layer key -> the indices of the layer's applications, in order."""
   groups: dict = {}
   for i, layer in enumerate(layers):
-    groups.setdefault(layer.kernel_path, []).append(i)
+    groups.setdefault(layer.key, []).append(i)
   return groups
 
 

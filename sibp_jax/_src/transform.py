@@ -309,18 +309,20 @@ class OthersState(NamedTuple):
   others: Any
 
 
-def with_others(main: optax.GradientTransformationExtraArgs,
+def with_others(main: optax.GradientTransformation,
                 others: optax.GradientTransformation
                 ) -> optax.GradientTransformationExtraArgs:
   """``main`` for the parameters a layer owns, ``others`` for the rest.
 
-  Which leaves a layer owns is read off ``problems`` at every update
-  (``layerwise.owned_mask``): normalisation scales and biases, and
-  parameters let through with ``unsolved='gradient'``, get ``others``'s
-  step on their gradient instead of ``main``'s. On a step ``main`` flags
-  as not finite (its ``inner.info.finite``) the update is zero and
-  ``others``'s state is held too.
+  Which leaves a layer owns is read off the keyword ``problems`` at every
+  update (``layerwise.owned_mask``, fixed when the step is traced):
+  normalisation scales and biases, and parameters let through with
+  ``unsolved='gradient'``, get ``others``'s step on their incoming update
+  instead of ``main``'s. Where every leaf is owned ``others`` does not run.
+  Meant as the outer transformation of :func:`skip_outer_on_bad_step`,
+  which holds both states still on a flagged step.
   """
+  main = optax.with_extra_args_support(main)
   others = optax.with_extra_args_support(others)
 
   def init(params):
@@ -330,13 +332,10 @@ def with_others(main: optax.GradientTransformationExtraArgs,
     step, main_state = main.update(updates, state.main, params,
                                    **extra_args)
     mask = layerwise.owned_mask(extra_args['problems'], params)
+    if all(jax.tree.leaves(mask)):
+      return step, OthersState(main_state, state.others)
     other_step, others_state = others.update(updates, state.others, params)
-    ok = main_state.inner.info.finite
-    step = jax.tree.map(
-        lambda m, a, b: a if m else jnp.where(ok, b, jnp.zeros_like(b)),
-        mask, step, other_step)
-    others_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                                others_state, state.others)
+    step = jax.tree.map(lambda m, a, b: a if m else b, mask, step, other_step)
     return step, OthersState(main_state, others_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
