@@ -196,6 +196,36 @@ def test_sibp_others_default_is_adam_unless_outer_takes_them():
     sibp_jax.sibp(LR, others='sgd')
 
 
+def test_sibp_default_others_leaves_unowned_matrices_to_the_plain_step():
+  """The default Adam keeps state for vectors alone (as Muon's fallback):
+  a custom matrix let through by ``unsolved='gradient'`` takes the plain
+  gradient step, a custom vector Adam's; an explicit ``others`` takes both."""
+  class Custom(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+      self.mix = nnx.Param(jnp.eye(8) + 0.1)
+      self.gain = nnx.Param(jnp.full((8,), 1.5))
+      self.b = nnx.Linear(8, 3, rngs=nnx.Rngs(2))
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)) @ self.mix[...] * self.gain[...])
+
+  grads, params, problems = step_inputs(Custom(), *classification(),
+                                        unsolved='gradient')
+  tx = sibp_jax.sibp(LR)
+  state = tx.init(params)
+  assert not any(leaf.ndim > 1 for leaf in jax.tree.leaves(
+      state.outer.others))
+  step, _ = tx.update(grads, state, params, problems=problems)
+  chex.assert_trees_all_close(step['mix'], -LR * grads['mix'], **TOL)
+  chex.assert_trees_all_close(step['gain'], -1e-3 * jnp.sign(grads['gain']),
+                              rtol=1e-3)
+  tx = sibp_jax.sibp(LR, others=optax.sgd(0.5))
+  step, _ = tx.update(grads, tx.init(params), params, problems=problems)
+  for name in ('mix', 'gain'):
+    chex.assert_trees_all_close(step[name], -0.5 * grads[name], **TOL)
+
+
 def test_sibp_others_steps_the_parameters_no_layer_owns():
   """``others`` takes the LayerNorm's scale and bias (here SGD at 0.5 on
   their gradient); the layers' parameters take SIBP's step unchanged; a

@@ -417,3 +417,49 @@ def test_nnx_scanned_transformer_meets_the_gradient(x64):
       'blocks/attention/value[0]', 'blocks/attention/out[0]', 'blocks/mlp[0]']
   assert len(problems.layers) == 2 + 5 * DEPTH
   assert errors[1] < 1e-3 and errors[1] < errors[0] / 10, errors
+
+
+def test_layers_stacked_along_another_axis_are_refused():
+  """A scan over layers stacked along axis 1 slices a moved copy: each
+  step's layer is not the slice [i] of the parameter, so it is refused
+  rather than solved against the wrong slice (4 × 4 kernels, 4 layers:
+  the shapes alone would not tell)."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return jax.nn.relu(nn.Dense(4)(x)), None
+
+  class Stacked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x, _ = nn.scan(Block, variable_axes={'params': 1},
+                     split_rngs={'params': True}, length=4)()(x, None)
+      return nn.Dense(3)(x)
+
+  x, y = jnp.ones((6, 4)), jnp.zeros(6, jnp.int32)
+  params = Stacked().init(jax.random.key(0), x)['params']
+  assert params['ScanBlock_0']['Dense_0']['kernel'].shape == (4, 4, 4)
+  with pytest.raises(ValueError, match=(
+      "layer 'ScanBlock_0/Dense_0' is applied in a scan over layers whose "
+      'stacked parameters are not sliced along their first axis')):
+    sibp_jax.linen.value_grad_and_problems(Stacked(), params, x, y,
+                                           loss_fn=xent)
+
+  class NnxStacked(nnx.Module):
+    def __init__(self):
+      @nnx.split_rngs(splits=4)
+      @nnx.vmap(in_axes=(0,), out_axes=1)
+      def make(rngs):
+        return nnx.Linear(4, 4, rngs=rngs)
+
+      self.blocks = make(nnx.Rngs(0))
+      self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      h = nnx.scan(lambda h, layer: jax.nn.relu(layer(h)),
+                   in_axes=(nnx.Carry, 1), out_axes=nnx.Carry)(x, self.blocks)
+      return self.head(h)
+
+  with pytest.raises(ValueError, match=(
+      'an nnx.Linear is applied in a scan over layers whose stacked')):
+    sibp_jax.nnx.value_grad_and_problems(NnxStacked(), x, y, loss_fn=xent)

@@ -270,7 +270,8 @@ def test_problems_that_disagree_in_shape_raise():
   broken = dataclasses.replace(problems, output_error=small.output_error)
   tx = sibp_jax.sibp(0.1)
   with pytest.raises(ValueError, match='batch|shape'):
-    jax.jit(tx.update).trace(grads, tx.init(params), params, problems=broken)
+    jax.jit(tx.update).trace(grads, jax.eval_shape(tx.init, params), params,
+                             problems=broken)
 
 
 def test_flax_train_state_is_named_in_the_missing_problems_message():

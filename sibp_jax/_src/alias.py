@@ -121,15 +121,16 @@ def sibp(
       ``outer``.
     others: the optimizer of the parameters no layer owns (normalisation
       scales and biases, those let through by ``unsolved='gradient'``), on
-      their gradient. Default ``'adam'``: ``optax.adam(1e-3)`` when
-      ``outer`` is ``None`` (on ResNet-20 and a ViT it trained better than
-      a plain gradient step of size ``η``: docs/experiments.md), else
-      ``outer`` takes them with the rest. ``None``: the same step as the
-      rest (``outer``'s, or a plain gradient step of size
-      ``learning_rate``, the paper's). Or any optax transformation. Weight
-      decay reaches them only when ``outer`` takes them. A model without
-      such parameters (an MLP) keeps the ``others`` state but never runs
-      it.
+      their gradient. Default ``'adam'``: ``optax.adam(1e-3)`` for those of
+      at most one axis (as Muon hands its non-matrix parameters to Adam;
+      an unowned matrix takes the rest's step) when ``outer`` is ``None``
+      (on ResNet-20 and a ViT it trained better than a plain gradient step
+      of size ``η``: docs/experiments.md), else ``outer`` takes them with
+      the rest. ``None``: the same step as the rest (``outer``'s, or a
+      plain gradient step of size ``learning_rate``, the paper's). Or any
+      optax transformation, for every parameter no layer owns (its state
+      spans the whole tree). Weight decay reaches them only when ``outer``
+      takes them.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -157,11 +158,15 @@ def sibp(
     Liu & Zhang, `Semi-Implicit Back Propagation
     <https://arxiv.org/abs/2002.03516>`_, 2020.
   """
-  if isinstance(others, str):
+  vectors_only = isinstance(others, str)
+  if vectors_only:
     if others != 'adam':
       raise ValueError(f"others must be 'adam', None or an optax "
                        f'transformation, got {others!r}')
-    others = optax.adam(OTHERS_LEARNING_RATE) if outer is None else None
+    # One flat vector: a handful of operations rather than a handful per
+    # normalisation parameter.
+    others = (optax.flatten(optax.adam(OTHERS_LEARNING_RATE))
+              if outer is None else None)
   for what, tx in (('outer', outer), ('others', others)):
     if tx is not None and not (hasattr(tx, 'init') and hasattr(tx, 'update')):
       raise TypeError(f'{what} must be an optax GradientTransformation '
@@ -178,12 +183,13 @@ def sibp(
       _outer_steps(_with_weight_decay(
           weight_decay, weight_decay_mask,
           optax.scale_by_learning_rate(learning_rate) if outer is None
-          else outer), others))
+          else outer), others, vectors_only))
 
 
-def _outer_steps(outer, others):
+def _outer_steps(outer, others, vectors_only):
   """``outer``, and ``others`` for the parameters no layer owns."""
-  return outer if others is None else transform.with_others(outer, others)
+  return outer if others is None else transform.with_others(
+      outer, others, vectors_only)
 
 
 def proxbp(

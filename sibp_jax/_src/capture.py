@@ -53,6 +53,14 @@ def layer_str(path: Path, index: tuple[int, ...] = ()) -> str:
   return problems_lib.path_str(path) + ''.join(f'[{i}]' for i in index)
 
 
+def stacked_elsewhere(what: str) -> ValueError:
+  return ValueError(
+      f'{what} is applied in a scan over layers whose stacked parameters are '
+      'not sliced along their first axis (variable_axes or in_axes other '
+      "than 0): sibp_jax solves each step's layer as the slice [i] of the "
+      'stacked parameter. Stack the layers along axis 0.')
+
+
 class Tape:
   """Receives the calls of intercepted linear layers.
 
@@ -92,6 +100,9 @@ class Tape:
     # id(slice) -> (slice, stacked array, index), for the scans unrolled.
     self.slices: dict[int, tuple] = {}
     self.pending: list[tuple] = []  # remat calls to run in this trace
+    # id() of the model's parameter arrays, where an adapter sets them: a
+    # scan over layers must slice these themselves.
+    self.param_ids: set[int] = set()
 
   def origin(self, value) -> tuple[Any, tuple[int, ...]]:
     """The array ``value`` was sliced from by the unrolled scans (itself if
@@ -102,6 +113,20 @@ class Tape:
       if entry is None or entry[0] is not value:
         return value, index
       value, index = entry[1], (entry[2],) + index
+
+  def stacked_slice(self, value, what: str) -> tuple[int, ...]:
+    """The index of ``value`` in the stacked parameter it was sliced from by
+    a scan over layers (``()`` if it was not sliced).
+
+    Raises:
+      ValueError: naming ``what``, for a slice of an array that is not a
+        parameter of the model itself (stacked along another axis, moved to
+        the front before the scan).
+    """
+    root, index = self.origin(value)
+    if index and id(root) not in self.param_ids:
+      raise stacked_elsewhere(what)
+    return index
 
   def visit(self, path: Path, inputs, compute: Callable[[], Any],
             names: tuple[str, str | None], kind: Callable[[], Hashable],

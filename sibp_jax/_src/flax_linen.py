@@ -32,7 +32,8 @@ def _interceptor(next_fun, args, kwargs, context):
                        method not in dict(entry.also)):
     return next_fun(*args, **kwargs)
   # Inside nn.scan over layers the kernel is a slice of the stacked one.
-  _, index = tape.origin(module.get_variable('params', entry.kernel))
+  index = tape.stacked_slice(module.get_variable('params', entry.kernel),
+                             f"layer '{problems_lib.path_str(path)}'")
   name = capture.layer_str(path, index)
   if method == '__call__':
     entry.check_call(name, args[1:], kwargs)
@@ -43,6 +44,17 @@ def _interceptor(next_fun, args, kwargs, context):
       lambda: describe(module, name, inputs.shape),
       lambda: tuple(None if n is None else module.get_variable('params', n)
                     for n in names), index)
+
+
+def _apply(module, variables, *args, **kwargs):
+  """``module.apply`` with the layers' calls intercepted, the parameters'
+  arrays made known to the active tape (a scan over layers slices them)."""
+  tape = capture.current_tape()
+  if tape is not None:
+    tape.param_ids = {id(a) for a in jax.tree.leaves(
+        variables.get('params', {}))}
+  with nn.intercept_methods(_interceptor):
+    return module.apply(variables, *args, **kwargs)
 
 
 def _is_variables(params) -> bool:
@@ -80,9 +92,8 @@ class _Runner:
     leaves, arrays = list(self.static), iter(arrays)
     leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in leaves]
     args, kwargs = jax.tree.unflatten(self.treedef, leaves)
-    with nn.intercept_methods(_interceptor):
-      out = self.module.apply(_fresh(variables), x, *args, rngs=rngs,
-                              mutable=self.mutable, **kwargs)
+    out = _apply(self.module, _fresh(variables), x, *args, rngs=rngs,
+                 mutable=self.mutable, **kwargs)
     return out[0] if self.mutable else out
 
 
@@ -245,9 +256,8 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
     variables = {**state, 'params': p}
 
     def run():
-      with nn.intercept_methods(_interceptor):
-        out = module.apply(_fresh(variables), forward.x, *args, rngs=rngs,
-                           mutable=mutable_names or False, **kwargs)
+      out = _apply(module, _fresh(variables), forward.x, *args, rngs=rngs,
+                   mutable=mutable_names or False, **kwargs)
       return out if mutable_names else (out, None)
     return forward.loss(run)
 

@@ -57,6 +57,8 @@ def _intercept(model):
         # stacked one) or nnx.remat (the same kernel).
         root, index = tape.origin(getattr(self, entry.kernel)[...])
         path = by_kernel.get(id(root))
+        if index and path is None:  # sliced from a moved copy
+          raise capture.stacked_elsewhere(f'an nnx.{type(self).__name__}')
       if path is None:  # not a layer of this model
         return tape.other(compute)
       name = capture.layer_str(path, index)

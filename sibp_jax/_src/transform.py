@@ -310,7 +310,8 @@ class OthersState(NamedTuple):
 
 
 def with_others(main: optax.GradientTransformation,
-                others: optax.GradientTransformation
+                others: optax.GradientTransformation,
+                vectors_only: bool = False,
                 ) -> optax.GradientTransformationExtraArgs:
   """``main`` for the parameters a layer owns, ``others`` for the rest.
 
@@ -319,10 +320,16 @@ def with_others(main: optax.GradientTransformation,
   normalisation scales and biases, and parameters let through with
   ``unsolved='gradient'``, get ``others``'s step on their incoming update
   instead of ``main``'s. Where every leaf is owned ``others`` does not run.
-  Meant as the outer transformation of :func:`skip_outer_on_bad_step`,
-  which holds both states still on a flagged step.
+  With ``vectors_only``, ``others`` keeps state for, and runs on, the
+  leaves of at most one axis alone (as Muon hands its non-matrix
+  parameters to Adam): an unowned matrix takes ``main``'s step. Meant as
+  the outer transformation of :func:`skip_outer_on_bad_step`, which holds
+  both states still on a flagged step.
   """
   main = optax.with_extra_args_support(main)
+  if vectors_only:
+    others = optax.masked(others, lambda params: jax.tree.map(
+        lambda p: jnp.ndim(p) <= 1, params))
   others = optax.with_extra_args_support(others)
 
   def init(params):
@@ -332,6 +339,8 @@ def with_others(main: optax.GradientTransformation,
     step, main_state = main.update(updates, state.main, params,
                                    **extra_args)
     mask = layerwise.owned_mask(extra_args['problems'], params)
+    if vectors_only:
+      mask = jax.tree.map(lambda m, p: m or jnp.ndim(p) > 1, mask, params)
     if all(jax.tree.leaves(mask)):
       return step, OthersState(main_state, state.others)
     other_step, others_state = others.update(updates, state.others, params)
