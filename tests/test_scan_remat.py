@@ -298,13 +298,18 @@ def test_remat_and_checkpoint_of_one_layer_are_solved(x64):
                                found[1][name]['kernel'], rtol=1e-12)
 
 
-def test_a_layer_under_vmap_is_refused_by_name():
+@pytest.mark.parametrize('also_direct', [False, True])
+def test_a_layer_under_vmap_is_refused_by_name(also_direct):
+  """Also when the layer is applied directly too: its vmapped use would be
+  missing from its problem."""
   class Mapped(nnx.Module):
     def __init__(self):
       self.a = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
       self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
 
     def __call__(self, x):
+      if also_direct:
+        x = jnp.tanh(self.a(x))
       return self.head(jax.vmap(self.a)(x).mean(1))
 
   x = jnp.ones((6, 5, 4))

@@ -92,8 +92,9 @@ class Tape:
     # The JAX trace the tape records in: a layer called under another one
     # runs inside a transformation of the model's own code.
     self.trace = jex.get_opaque_trace_state()
-    # Layers seen inside a transformation the tape does not unroll.
-    self.nested: dict[Path, None] = {}
+    # Layers seen inside a transformation the tape does not unroll, with
+    # the number of records made by then.
+    self.nested: list[tuple[Path, int]] = []
     # While > 0, a trace made only to learn shapes: calls just compute.
     self.dry = 0
     self.dry_calls = 0
@@ -144,8 +145,9 @@ class Tape:
     if jex.get_opaque_trace_state() != self.trace:
       # A transformation the tape does not unroll (vmap, cond, ...), or a
       # shape-only trace of Flax's own (linen's scan traces its body once
-      # before the loop): checked by :meth:`check_nested` at the end.
-      self.nested[path] = None
+      # just before the loop, which :meth:`unroll` then forgives): refused
+      # by :meth:`check_nested` at the end.
+      self.nested.append((path, len(self.records)))
       return compute()
     if self.hook is not None:
       call = self.calls
@@ -182,13 +184,12 @@ class Tape:
     return compute()
 
   def check_nested(self) -> None:
-    """Refuses layers applied only inside a transformation of the model's
-    own code that the tape could not run in its trace."""
-    recorded = {r.path for r in self.records}
-    missed = [p for p in self.nested if p not in recorded]
-    if missed:
+    """Refuses layers applied inside a transformation of the model's own
+    code that the tape could not run in its trace."""
+    if self.nested:
       raise ValueError(
-          f"the linear layer '{problems_lib.path_str(missed[0])}' is applied "
+          f"the linear layer '{problems_lib.path_str(self.nested[0][0])}' "
+          'is applied '
           'inside a JAX transformation within the model (jax.vmap, '
           'lax.cond, lax.while_loop, ...): sibp_jax records every layer\'s '
           "input and output in the model's own forward pass and cannot see "
@@ -209,6 +210,7 @@ class Tape:
     """``lax.scan`` as a Python loop in the current trace, every slice of
     ``xs`` noted for :meth:`origin`."""
     leaves, treedef = jax.tree.flatten(xs)
+    start = len(self.records)
     carry, ys = init, []
     for i in (reversed(range(length)) if reverse else range(length)):
       sliced = []
@@ -220,6 +222,11 @@ class Tape:
       ys.append(y)
     if reverse:
       ys.reverse()
+    # A trace of the body made just before this scan (linen's, for its
+    # broadcast values) saw the layers the loop has now recorded.
+    done = {r.path for r in self.records[start:]}
+    self.nested = [(path, made) for path, made in self.nested
+                   if path not in done or made != start]
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
   @contextlib.contextmanager
