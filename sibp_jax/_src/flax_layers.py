@@ -354,5 +354,6 @@ def check_parameters(param_paths, owned, modules, unsolved: str) -> None:
       '(normalisation scales and biases take the gradient by design). '
       'Express these layers with those, or pass '
       "unsolved='gradient' to value_grad_and_problems to let them take the "
-      "incoming gradient (sibp: its optimizer 'others', Adam by default; "
+      "incoming gradient (sibp: its optimizer 'others', by default Adam for "
+      'vectors and a plain step of size learning_rate for matrices; '
       'proxbp: its outer optimizer).')

@@ -200,7 +200,8 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
       (normalisation scales and biases aside): ``'raise'`` (default)
       refuses the module with a ``ValueError`` naming them; ``'gradient'``
       lets the transformations hand them the incoming gradient (``sibp``:
-      its ``others`` optimizer, Adam by default; ``proxbp``: its outer
+      its ``others`` optimizer: by default Adam for vectors, a plain step
+      of size ``learning_rate`` for matrices; ``proxbp``: its outer
       optimizer).
     weights: ``None``, or a weight per example ``(B,)`` or per position
       ``(B, T, ...)`` (padding, masked tokens: 0 drops the term). The

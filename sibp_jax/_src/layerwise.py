@@ -238,7 +238,7 @@ def _per_layer(state_info, layers, new, layer_finite) -> tuple[dict, ...]:
     # One entry per kernel (as init_state names them): a kernel used by
     # two layer calls (shared weights), or the slices of a scan's stacked
     # kernel, combine theirs.
-    name = problems_lib.path_str(layer.kernel_path[:-1]) or '<root>'
+    name = layer.module_name
     found[name] = (solvers.combine(found[name], info) if name in found else
                    solvers.combine(info))
   status, iterations, residual = (dict(state_info.status),

@@ -121,10 +121,15 @@ class LayerProblem:
   index: tuple[int, ...] = ()
 
   @property
+  def module_name(self) -> str:
+    """The path of the module holding the kernel (the slices of a scan's
+    stacked kernel share it)."""
+    return '/'.join(str(k) for k in self.kernel_path[:-1]) or '<root>'
+
+  @property
   def name(self) -> str:
     """The layer's path (a scanned layer's with its slice: ``mlp[3]``)."""
-    return (('/'.join(str(k) for k in self.kernel_path[:-1]) or '<root>') +
-            ''.join(f'[{i}]' for i in self.index))
+    return self.module_name + ''.join(f'[{i}]' for i in self.index)
 
   @property
   def key(self) -> tuple[Path, tuple[int, ...]]:
