@@ -13,6 +13,8 @@ and :func:`unsolved_parameters` finds it so that the adapters can name it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Sequence
@@ -48,6 +50,16 @@ class LayerType:
     fixed: call arguments that would change the map from the one the
       module's attributes describe (an ``Einsum``'s ``einsum_str``): a call
       that passes one is refused.
+    settings: module attributes that change the map itself (a custom
+      ``dot_general`` such as a quantisation hook, a custom convolution or
+      einsum, a custom ``promote_dtype``): sibp_jax solves the layer as its
+      plain map, so each must keep the default of the registered class
+      (compared by identity; see :meth:`check_module`). Attributes that
+      only change rounding (``precision``, ``dtype``, ``param_dtype``,
+      ``preferred_element_type``) are not among them: the map stays the
+      same linear map, and the sweep forms and solves its problems at
+      ``HIGHEST`` precision, in at least float32, whatever the forward
+      pass used.
   """
 
   nnx: tuple[type, ...]
@@ -58,6 +70,7 @@ class LayerType:
   also: tuple[tuple[str, Callable[[object, str, Sequence[int]],
                                    Hashable]], ...] = ()
   fixed: tuple[str, ...] = ()
+  settings: tuple[str, ...] = ()
 
   def names(self, module) -> tuple[str, str | None]:
     """The kernel's and the bias's names (``None``: no bias in ``module``)."""
@@ -68,10 +81,19 @@ class LayerType:
   def use(self, module, method: str):
     """``(names, describe)`` of a call of ``module``'s ``method``: its own
     call (kernel and bias), or a method of :attr:`also` (the kernel alone,
-    with that method's kind)."""
+    with that method's kind). ``describe`` first refuses a module whose map
+    is not the plain one (:meth:`check_module`), so every recorded call is
+    checked."""
     if method == '__call__':
-      return self.names(module), self.describe
-    return (self.kernel, None), dict(self.also)[method]
+      names, describe = self.names(module), self.describe
+    else:
+      names, describe = (self.kernel, None), dict(self.also)[method]
+
+    def checked(module, name: str, input_shape: Sequence[int]) -> Hashable:
+      self.check_module(module, name, method)
+      return describe(module, name, input_shape)
+
+    return names, checked
 
   def check_call(self, name: str, args, kwargs) -> None:
     """Refuses a call that passes one of the :attr:`fixed` arguments."""
@@ -81,6 +103,70 @@ class LayerType:
           f"layer '{name}': called with {', '.join(given) or 'arguments'} "
           f'that change its map; set {", ".join(self.fixed)} on the module '
           'so that sibp_jax reads the map the call applies.')
+
+  def check_module(self, module, name: str, method: str = '__call__'
+                   ) -> None:
+    """Refuses a module whose map is not the plain one sibp_jax solves.
+
+    The registered class's map is what the sweep solves. A module is
+    refused if one of its :attr:`settings` is not that class's default
+    (the same object: for nnx classes the default of ``__init__``'s
+    parameter, for linen classes the dataclass field's), or if its class
+    defines its own ``method`` (``__call__``, or a method of :attr:`also`
+    such as ``attend``) between its type and the registered class. Flax's
+    own subclasses are no such override: they apply the registered class's
+    map through ``super()`` (``nnx.LoRALinear`` adds a LoRA branch, whose
+    parameters are then named as unsolved; linen's lifted transforms such
+    as ``nn.remat(nn.Dense)`` rewrap the methods). Only the attributes the
+    module has are checked (Flax versions differ).
+
+    Args:
+      module: the nnx or linen module a recorded call applies.
+      name: the layer's name in messages (``'layers/0'``).
+      method: the method the call applies.
+
+    Raises:
+      ValueError: naming the layer and the setting or method.
+    """
+    mro = type(module).__mro__
+    base = next(c for c in mro if c in self.nnx + self.linen)
+    what = f"{'nnx' if base in self.nnx else 'linen'}.{base.__name__}"
+    solved = (f"sibp_jax solves the layer as {what}'s plain map (its "
+              "parameters through Flax's default computation), so")
+    todo = 'express the change with parameter-free code around the layer'
+    for cls in mro[:mro.index(base)]:
+      if method in vars(cls) and not _from_flax(cls):
+        raise ValueError(
+            f"layer '{name}': {cls.__name__} overrides {what}.{method} with "
+            f'its own computation; {solved} a different computation would '
+            f'be solved wrongly. Use {what} itself and {todo}.')
+    defaults = _defaults(base)
+    for setting in self.settings:
+      if (setting in defaults and hasattr(module, setting) and
+          getattr(module, setting) is not defaults[setting]):
+        raise ValueError(
+            f"layer '{name}': {setting} is not {what}'s default; {solved} a "
+            f'setting that changes the map would be solved wrongly. Leave '
+            f'{setting} at its default and {todo} (settings that only '
+            'change rounding, such as precision, dtype, param_dtype and '
+            'preferred_element_type, are fine).')
+
+
+def _from_flax(cls: type) -> bool:
+  """Whether ``cls`` is one of Flax's own classes."""
+  return cls.__module__ == 'flax' or cls.__module__.startswith('flax.')
+
+
+@functools.cache
+def _defaults(cls: type) -> dict[str, object]:
+  """The defaults of ``cls``'s settings: a linen class's dataclass fields,
+  an nnx class's ``__init__`` parameters."""
+  if issubclass(cls, nn.Module):
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+  return {n: p.default
+          for n, p in inspect.signature(cls.__init__).parameters.items()
+          if p.default is not inspect.Parameter.empty}
 
 
 def _per_axis(value, nd: int, what: str, name: str) -> tuple[int, ...]:
@@ -260,17 +346,24 @@ def _einsum(module, name: str, input_shape: Sequence[int]):
                             len(features))
 
 
+# Settings that change a layer's map: they must keep the registered class's
+# default (:attr:`LayerType.settings`; rounding settings are not listed).
+_DOT = ('dot_general', 'dot_general_cls', 'promote_dtype')
+_CONV = ('conv_general_dilated', 'conv_general_dilated_cls', 'promote_dtype')
+
 LAYERS: tuple[LayerType, ...] = (
-    LayerType((nnx.Linear,), (nn.Dense,), 'kernel', 'bias', _dense),
-    LayerType((nnx.Conv,), (nn.Conv,), 'kernel', 'bias', _conv),
+    LayerType((nnx.Linear,), (nn.Dense,), 'kernel', 'bias', _dense,
+              settings=_DOT),
+    LayerType((nnx.Conv,), (nn.Conv,), 'kernel', 'bias', _conv,
+              settings=_CONV),
     LayerType((nnx.ConvTranspose,), (nn.ConvTranspose,), 'kernel', 'bias',
-              _conv_transpose),
+              _conv_transpose, settings=('promote_dtype',)),
     LayerType((nnx.LinearGeneral,), (nn.DenseGeneral,), 'kernel', 'bias',
-              _dense_general),
+              _dense_general, settings=_DOT),
     LayerType((nnx.Embed,), (nn.Embed,), 'embedding', None, _embed,
-              also=(('attend', _attend),)),
+              also=(('attend', _attend),), settings=('promote_dtype',)),
     LayerType((nnx.Einsum,), (nn.Einsum,), 'kernel', 'bias', _einsum,
-              fixed=('einsum_str',)),
+              fixed=('einsum_str',), settings=('einsum_op', 'promote_dtype')),
 )
 
 # Modules whose parameters no layer owns by design (held at their values in
