@@ -130,8 +130,8 @@ def test_problems_from_another_batch_size_are_rejected():
                                            *classification(batch=16))
   mixed = sibp_jax.Problems(problems.layers, small.output_error)
   tx = sibp_jax.sibp(0.1)
-  with pytest.raises(ValueError, match='batch 16 but the output error has '
-                                       'batch 8'):
+  with pytest.raises(ValueError, match=r'output error has shape \(8, 3\) '
+                                       r'but the last layer'):
     jax.eval_shape(lambda g, p, pr: tx.update(g, tx.init(p), p, problems=pr),
                    grads, params, mixed)
 

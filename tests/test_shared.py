@@ -228,7 +228,8 @@ def test_tied_embeddings_tend_to_backprop(adapter):
 @pytest.mark.usefixtures('x64')
 def test_tied_solve_matches_the_whole_ridge_problem_in_numpy():
   """Two lookups (one weighted) and two attends (one weighted) of a 7 × 3
-  table against the ridge problem in all 21 unknowns, written out."""
+  table against the ridge problem in all 21 unknowns, written out: the
+  rows' counts ``ρ`` in ``FᵀρF``, the right-hand side ``Fᵀ R``."""
   rng = np.random.default_rng(3)
   v, d, eta, lam = 7, 3, 0.3, 0.8
   rule = rules.LinearizedRule(eta, lam, lam, solvers.Ridge())
@@ -274,8 +275,10 @@ def test_tied_solve_matches_the_whole_ridge_problem_in_numpy():
         row[u * d:(u + 1) * d] = hi
         rows.append(row), targets.append(-eta * r[u]), weights.append(wi)
   f, t, w = np.array(rows), np.array(targets), np.array(weights)
+  # The weights count the rows in the curvature alone: the residuals
+  # carry them already (docs/algorithms.md, "Weights").
   want = np.linalg.solve(f.T @ (w[:, None] * f) + lam * np.eye(v * d),
-                         f.T @ (w * t)).reshape(v, d)
+                         f.T @ t).reshape(v, d)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
 
 

@@ -118,6 +118,13 @@ def _split_call_args(args, kwargs):
   return treedef, static, [leaf for leaf in leaves if _is_array(leaf)]
 
 
+def _resize_arguments(data, resize):
+  """The runner's data with ``resize`` applied to the call arguments (for
+  the batch-axis probe, :func:`sibp_jax._src.rows.batch_axes`)."""
+  variables, rngs, arrays = data
+  return variables, rngs, resize(arrays)
+
+
 def _mutable_names(mutable, collections) -> tuple[str, ...]:
   if mutable is False or mutable is None:
     return ()
@@ -274,7 +281,8 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
   variables = {**state, 'params': trainable}
   problems = forward.problems(
       loss, aux, runner=runner, data=(variables, rngs, arrays),
-      prefix=('params',) if as_variables else (), check=check_chain)
+      prefix=('params',) if as_variables else (), check=check_chain,
+      resize=_resize_arguments)
   if mutable_names:
     return loss, grads, problems, aux[-1]
   return loss, grads, problems

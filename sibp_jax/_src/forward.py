@@ -3,18 +3,23 @@
 :class:`Forward` runs the model under an adapter's interception with a
 recording :class:`~sibp_jax._src.capture.Tape`, computes the mean loss
 (per example or per token, weighted by the user's ``weights``) and turns
-the records into :class:`sibp_jax.Problems` with
-:func:`~sibp_jax._src.capture.build_problems`. Nothing here imports Flax.
+the records into :class:`sibp_jax.Problems` with :func:`build_problems`,
+which reads each layer's batch axis and row weights with ``rows``.
+Nothing here imports Flax.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sibp_jax._src import capture
+from sibp_jax._src import problems as problems_lib
+from sibp_jax._src import rows
 
 Path = capture.Path
 
@@ -86,6 +91,11 @@ class Forward:
             f'({x.shape[0]}) as its leading axis, got '
             f'{weights.dtype}{list(weights.shape)}')
       weights = weights.astype(jnp.result_type(float))
+      if not isinstance(weights, jax.core.Tracer) and not np.any(
+          np.asarray(weights)):
+        raise ValueError(
+            'weights: every weight is 0, so the batch has no loss term '
+            '(the mean loss would be 0 / 0).')
     self.weights = weights
     self.records: list[capture.Record] = []
     self.modules: dict[Path, type] = {}  # see Tape.modules
@@ -107,9 +117,12 @@ class Forward:
       terms = losses.size
       loss = jnp.mean(losses)
     else:
-      w = capture.row_weights(self.weights, losses.shape, 'the loss')
+      w = rows.row_weights(self.weights, losses.shape, 'the loss')
       terms = jnp.sum(w)
-      # 0 / 0 (every weight 0) makes the step NaN: it is flagged, skipped.
+      # 0 / 0 (every weight 0, known only at run time under jit) makes the
+      # step NaN: it is flagged and skipped, and the host is told why.
+      jax.lax.cond(terms == 0, lambda: jax.debug.callback(_no_terms),
+                   lambda: None)
       loss = jnp.sum(w * losses) / terms
     return loss, ([r.inputs for r in tape.records],
                   [r.outputs for r in tape.records],
@@ -121,16 +134,89 @@ class Forward:
             if name is not None}
 
   def problems(self, loss, aux, *, runner, data, prefix: Path = (),
-               check: bool = True):
+               check: bool = True, resize=None):
     inputs, outputs, params, terms, _ = aux
     records = [dataclasses.replace(r, inputs=i, outputs=o, params=p)
                for r, i, o, p in zip(self.records, inputs, outputs, params)]
     logits = records[-1].outputs if records and self.is_last else None
-    weights = None if self.weights is None else capture.row_weights(
+    weights = None if self.weights is None else rows.row_weights(
         self.weights, self.loss_shape, 'the loss')
     error = (None if logits is None else
              output_error(self.loss_fn, logits, self.y, loss, weights))
-    return capture.build_problems(
+    return build_problems(
         records, error, logits, runner=runner, data=data, x=self.x,
         prefix=prefix, check=check, weights=self.weights,
-        loss_terms=jnp.asarray(terms, jnp.float32))
+        loss_terms=jnp.asarray(terms, jnp.float32), resize=resize)
+
+
+def _no_terms():
+  warnings.warn(
+      'weights: every weight of this batch is 0, so it has no loss term: '
+      'the mean loss is NaN and SIBP / ProxBP skip the step '
+      '(info.finite is False).', stacklevel=1)
+
+
+def build_problems(records: list[capture.Record], output_error, logits, *,
+                   runner, data, x, prefix: Path = (), check: bool = True,
+                   weights=None, loss_terms=None, resize=None):
+  """Turns the records of one forward pass into :class:`Problems`.
+
+  Args:
+    records: the linear layers in the order they were called.
+    output_error: ``∂(Σ w ℓ)/∂z`` (per example, or per loss term).
+    logits: the model's output, which must be the last layer's output.
+    runner: hashable ``runner(data, x)`` that replays the model.
+    data: the arrays ``runner`` needs (the model's variables, its random
+      state as the forward pass started from it, call arguments).
+    x: the model input of the forward pass.
+    prefix: path of the module's variables inside the user's parameter tree.
+    check: read the layers' graph off one traced replay (trace time only):
+      refuse a layer whose output reaches no later layer, and define the
+      segments ``s_i`` only for chain links. Without it every layer is
+      taken to be a chain link.
+    weights: the user's weights (per example, or per loss term), or
+      ``None``; each layer's rows take theirs by the weight rule
+      (:mod:`rows`).
+    loss_terms: :attr:`Problems.loss_terms`.
+    resize: see :func:`rows.batch_axes`.
+  """
+  if not records:
+    raise ValueError('the model applied no recognised linear layer '
+                     '(nnx.Linear, nnx.Conv, linen.Dense, linen.Conv).')
+  graph = capture.GraphFn(runner, tuple(r.key for r in records))
+  if logits is not records[-1].outputs:
+    # A parameter read outside its layer's calls (a tied output written
+    # as ``h @ table.T``) is the better explanation where there is one.
+    capture.chain_links(graph, data, x, records)
+    raise ValueError(
+        "the model's output must be the output of its last linear layer "
+        f"('{problems_lib.path_str(records[-1].path)}'), with nothing "
+        'applied after it: put any final activation into loss_fn.')
+  shared = capture.shared_layers(records)
+  links = (capture.chain_links(graph, data, x, records) if check else
+           [True] * (len(records) - 1))
+  axes = rows.batch_axes(runner, data, x, records, resize)
+  struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  batch = x.shape[0]
+  layers = []
+  for i, (rec, axis) in enumerate(zip(records, axes)):
+    segment = None
+    # A segment names its ends by path, which a shared layer does not fix.
+    if (i + 1 < len(records) and links[i] and rec.key not in shared and
+        records[i + 1].key not in shared):
+      segment = problems_lib.Segment(
+          capture.SegmentFn(runner, struct, rec.key, records[i + 1].key),
+          data)
+    own, fill = rows.layer_weights(
+        weights, rec.kind.row_shape(rec.outputs.shape), axis, batch,
+        capture.layer_str(*rec.key))
+    layers.append(problems_lib.LayerProblem(
+        inputs=rec.inputs, outputs=rec.outputs, segment=segment,
+        kind=rec.kind, kernel_path=prefix + rec.path + (rec.names[0],),
+        bias_path=(None if rec.names[1] is None else
+                   prefix + rec.path + (rec.names[1],)),
+        params=rec.params, index=rec.index, row_weights=own, row_fill=fill,
+        batch_axis=axis))
+  return problems_lib.Problems(
+      tuple(layers), output_error, problems_lib.Graph(graph, data, x),
+      loss_terms, batch)

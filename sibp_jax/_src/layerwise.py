@@ -59,7 +59,11 @@ class LayerwiseInfo(NamedTuple):
     grad_mismatch: ``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, with
       ``g`` the incoming update and ``ĝ = f_{L-1}ᵀ e / N`` the mean loss's
       gradient that ``problems`` imply (one product, the one the backward
-      pass already computed). Round-off (about 1e-7 in float32) when the
+      pass already computed). Where the last layer is frozen, shared or a
+      tied table (``Embed.attend``), the kernel checked is that of the
+      last layer below it solved on its own, whose error is backprop's
+      under every rule (the later layers pass it through their old
+      weights). Round-off (about 1e-7 in float32) when the
       gradient and the problems come from the same forward pass; of order 1
       when a transformation before this one changed the gradient (clipping,
       scaling), the problems come from another batch, or a wrapper
@@ -202,10 +206,14 @@ def _locate(name, problems, grads, params):
       shapes = (leaves[k].shape[cut:],
                 None if b is None else leaves[b].shape[cut:])
       located.append((k, b))
-    if layer.inputs.shape[0] != batch or layer.outputs.shape[0] != batch:
+    axis = layer.batch_axis
+    if axis is not None and (axis >= layer.outputs.ndim or
+                             layer.outputs.shape[axis] % batch):
       raise ValueError(
-          f'{name}.update: layer {layer.name} holds inputs of batch '
-          f'{layer.inputs.shape[0]} but the output error has batch {batch}.')
+          f'{name}.update: layer {layer.name} holds outputs of shape '
+          f'{layer.outputs.shape}, whose batch axis {axis} does not hold '
+          f'the batch of {batch} examples; were the problems built from '
+          'another batch?')
     layer.kind.check(layer.name, *shapes, layer.inputs, layer.outputs)
   last = problems.layers[-1]
   if problems.output_error.shape != last.outputs.shape:
@@ -281,7 +289,9 @@ def layerwise_update(name: str, make_rule: Callable, scale_of: Callable,
             (leaves[k][layer.index],
              None if b is None else leaves[b][layer.index])))
         for layer, (k, b) in zip(problems.layers, located)]
-    new = sweep.backward_sweep(problems, compute, rule, frozen=frozen)
+    checked = sweep.check_layer(problems, frozen)
+    new, implied = sweep.sweep_and_report(problems, compute, rule,
+                                          frozen=frozen, report=checked)
     scale = scale_of(state.count)
     zero_step = scale == 0  # e.g. the first step of a warm-up from η = 0
 
@@ -307,16 +317,13 @@ def layerwise_update(name: str, make_rule: Callable, scale_of: Callable,
     finite = jnp.all(jnp.stack(layer_finite + [solvers.all_finite(
         [x for i, x in enumerate(out) if i not in owned])]))
     out = [jnp.where(finite, x, jnp.zeros_like(x)) for x in out]
-    last = problems.layers[-1].key
-    if frozen[-1] or sum(layer.key == last for layer in problems.layers) > 1:
-      # The check reads the last layer's gradient, which a frozen layer
-      # does not get, and which a shared one also gets from its other
-      # applications.
+    if checked is None:  # every layer frozen, shared or tied
       grad_mismatch = jnp.zeros((), jnp.float32)
     else:
-      gradient = grad_leaves[located[-1][0]][problems.layers[-1].index]
-      grad_mismatch = mismatch.grad_mismatch(problems, gradient,
-                                             compute[-1][0])
+      gradient = grad_leaves[located[checked][0]][
+          problems.layers[checked].index]
+      grad_mismatch = mismatch.grad_mismatch(implied, problems.terms,
+                                             gradient)
       check(grad_mismatch, gradient.dtype)
     info = LayerwiseInfo(
         finite, *_per_layer(state.info, [layer for _, _, layer in solved],

@@ -47,22 +47,16 @@ def tolerance(dtype) -> float:
   return TOLERANCE_16_BIT if jnp.dtype(dtype).itemsize <= 2 else TOLERANCE
 
 
-def grad_mismatch(problems, grad, kernel) -> jax.Array:
-  """``‖g - ĝ‖ / ‖ĝ‖`` for the last layer's kernel, ``ĝ = Aᵀ(e) / N``.
+def grad_mismatch(implied, terms, grad) -> jax.Array:
+  """``‖g - ĝ‖ / ‖ĝ‖`` with ``ĝ = implied / N``.
 
-  ``N`` is the number of loss terms (:attr:`sibp_jax.Problems.loss_terms`).
+  ``implied`` is the gradient of ``Σ w ℓ`` with respect to one kernel that
+  ``problems`` imply (``A_iᵀ(e_g)``, from the sweep), ``N`` the number of
+  loss terms (:attr:`sibp_jax.Problems.terms`) and ``grad`` the gradient
+  handed to ``update`` for that kernel.
   """
-  layer = problems.layers[-1]
-  dtype = kernel.dtype
-  inputs = layer.inputs
-  if not jnp.issubdtype(inputs.dtype, jnp.integer):
-    inputs = inputs.astype(dtype)
-  error = problems.output_error.astype(dtype) / jnp.asarray(
-      problems.terms, dtype)
-  # ĝ is the transpose of the layer's map applied to e / N: f_{L-1}ᵀ e / N
-  # for a dense layer, one product.
-  implied = jax.linear_transpose(
-      lambda k: layer.kind.apply(k, None, inputs), kernel)(error)[0]
+  dtype = implied.dtype
+  implied = implied / jnp.asarray(terms, dtype)
   diff = grad.astype(dtype) - implied
   return solvers.ratio(jnp.sqrt(jnp.sum(jnp.square(diff))),
                        jnp.sqrt(jnp.sum(jnp.square(implied)))).astype(
@@ -73,8 +67,8 @@ def _message(name: str, value: float, tol: float, mode: str) -> str:
   return (
       f'{name}: the gradient handed to update disagrees with problems= '
       f'(grad_mismatch {value:.3g} > {tol:g}, relative, on the last '
-      "layer's kernel). The step of every recognised layer comes from "
-      'problems alone, so it is not the step the gradient asks for. '
+      "solved layer's kernel). The step of every recognised layer comes "
+      'from problems alone, so it is not the step the gradient asks for. '
       'Causes: problems from another batch or an earlier step; a '
       'transformation chained before this one (clipping, scaling, weight '
       'decay: put it after); a wrapper that averages gradients over '

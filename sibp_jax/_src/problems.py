@@ -28,6 +28,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from sibp_jax._src import kinds
 
@@ -104,10 +105,20 @@ class LayerProblem:
     index: the slice of the stacked parameters at ``kernel_path`` and
       ``bias_path`` that this layer is (a layer of a scan over layers: one
       index per scan, outermost first), or ``()`` for the whole arrays.
-    row_weights: the weight of each row of the layer's regression, shaped
-      like the output's row axes (the output's shape without its feature
-      axes), or ``None`` for all ones: a row of weight 0 (a padded
-      position, a masked example) is not part of the problem.
+    row_weights: how many times each row of the layer's regression
+      counts, shaped like the output's row axes (the output's shape
+      without its feature axes), or ``None`` for once each: the weight of
+      the row's own loss term (``own`` of the weight rule in
+      docs/algorithms.md, "Weights"). The sweep adds :attr:`row_fill` for
+      the rows that carry error (:meth:`counted`).
+    row_fill: what a row whose error is not zero adds to its count (the
+      batch's largest weight, for a row whose own weight is 0), or
+      ``None`` for nothing.
+    batch_axis: the axis of ``outputs`` that holds the batch (examples, or
+      examples times positions), or ``None`` for a layer applied to an
+      input without one (positions looked up on ``arange(T)``), whose rows
+      are shared by every example. Read from the computation by the
+      adapters; 0 for problems built by hand.
   """
 
   inputs: jax.Array
@@ -119,6 +130,20 @@ class LayerProblem:
   params: tuple[jax.Array, jax.Array | None] | None = None
   row_weights: jax.Array | None = None
   index: tuple[int, ...] = ()
+  row_fill: jax.Array | None = None
+  batch_axis: int | None = 0
+
+  def counted(self, error) -> LayerProblem:
+    """The problem whose :attr:`row_weights` are the rows' counts given
+    the layer's output error ``error`` (``e_g``): ``own + fill · [the row's
+    error is not 0]``; :attr:`row_fill` is then ``None``."""
+    if self.row_fill is None:
+      return self
+    rows = self.kind.row_shape(self.outputs.shape)
+    carries = jnp.any(error.reshape(tuple(rows) + (-1,)) != 0, axis=-1)
+    fill = self.row_fill * carries.astype(self.row_fill.dtype)
+    weights = fill if self.row_weights is None else self.row_weights + fill
+    return dataclasses.replace(self, row_weights=weights, row_fill=None)
 
   @property
   def module_name(self) -> str:
@@ -153,16 +178,21 @@ class Problems:
       size for one loss per example, examples times positions for one per
       token, the sum of the weights with weights), so that ``∇_z J =
       output_error / loss_terms``; ``None`` for the batch size.
+    batch: the number of examples of the forward pass (static), or
+      ``None`` for the output error's leading axis.
   """
 
   layers: tuple[LayerProblem, ...]
   output_error: jax.Array
   graph: Graph | None = None
   loss_terms: jax.Array | None = None
+  batch: int | None = None
 
   @property
   def batch_size(self) -> int:
-    return self.output_error.shape[0]
+    """The number of examples (:attr:`batch`, or the output error's
+    leading axis for problems built without it)."""
+    return self.output_error.shape[0] if self.batch is None else self.batch
 
   @property
   def terms(self):
@@ -176,11 +206,12 @@ jax.tree_util.register_dataclass(
     Graph, data_fields=['data', 'inputs'], meta_fields=['fn'])
 jax.tree_util.register_dataclass(
     LayerProblem,
-    data_fields=['inputs', 'outputs', 'segment', 'params', 'row_weights'],
-    meta_fields=['kind', 'kernel_path', 'bias_path', 'index'])
+    data_fields=['inputs', 'outputs', 'segment', 'params', 'row_weights',
+                 'row_fill'],
+    meta_fields=['kind', 'kernel_path', 'bias_path', 'index', 'batch_axis'])
 jax.tree_util.register_dataclass(
     Problems, data_fields=['layers', 'output_error', 'graph', 'loss_terms'],
-    meta_fields=[])
+    meta_fields=['batch'])
 
 
 def key_name(key) -> PathKey:

@@ -118,12 +118,15 @@ def tied_update(rule, lookups, attends, kernel) -> LayerUpdate:
   row of id ``v`` asks ``Δ_v ≈ r``, an attend row with input ``h`` asks
   ``h Δᵀ ≈ R``. Its normal equations are separate per table row,
 
-      (HᵀWH + (λ + c_v) I) Δ_vᵀ = Hᵀ W R_{:, v} + s_v,
+      (HᵀWH + (λ + c_v) I) Δ_vᵀ = Hᵀ R_{:, v} + s_v,
 
-  with ``H``, ``R`` the attend rows (weights ``W``), ``c_v`` the weighted
+  with ``H``, ``R`` the attend rows (counts ``W``), ``c_v`` the weighted
   count of id ``v`` among the lookup rows and ``s_v`` their summed
-  residual. One eigendecomposition ``HᵀWH = Q diag(μ) Qᵀ`` serves every
-  ``v``: ``Δ_v = ((M_v Q) / (μ + λ + c_v)) Qᵀ`` with ``M_v`` the right-hand
+  residual (the residuals carry the weights already, through the error:
+  docs/algorithms.md, "Weights"). Each layer's ``row_weights`` must be
+  its final counts (:meth:`sibp_jax.LayerProblem.counted`). One
+  eigendecomposition ``HᵀWH = Q diag(μ) Qᵀ`` serves every ``v``:
+  ``Δ_v = ((M_v Q) / (μ + λ + c_v)) Qᵀ`` with ``M_v`` the right-hand
   side; the cost is ``O(d³ + V d²)`` plus the products with ``H``, never a
   ``V × V`` matrix. The solve is exact whatever the rule's solver.
   """
@@ -137,8 +140,6 @@ def tied_update(rule, lookups, attends, kernel) -> LayerUpdate:
          else layer.row_weights.astype(kernel.dtype))
     counts = counts + kind.gram_diagonal(layer.inputs, kernel.dtype, w)
     r = kind.output_rows(rule.residual(e_g))
-    if w is not None:
-      r = r * sharding.reshape_rows(w, (-1, 1))
     # A sum over the rows: whole on every device when they are split.
     rhs = rhs.at[sharding.reshape_rows(layer.inputs, (-1,))].add(
         r, out_sharding=sharding.replicated(layer.inputs))
@@ -149,7 +150,7 @@ def tied_update(rule, lookups, attends, kernel) -> LayerUpdate:
     hw = h if layer.row_weights is None else h * sharding.reshape_rows(
         layer.row_weights, (-1, 1)).astype(kernel.dtype)
     gram = gram + sharding.contract_rows(hw, h, PRECISION)
-    rhs = rhs + sharding.contract_rows(r, hw, PRECISION)
+    rhs = rhs + sharding.contract_rows(r, h, PRECISION)
   mu, q = jnp.linalg.eigh(gram)
   rotated = jnp.matmul(rhs, q, precision=PRECISION)
   delta = jnp.matmul(rotated / (mu + lam + counts[:, None]), q.T,

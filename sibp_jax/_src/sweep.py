@@ -78,6 +78,10 @@ def _compute_dtype(x, dtype):
   return x if jnp.issubdtype(x.dtype, jnp.integer) else x.astype(dtype)
 
 
+def _zero_tree(tree):
+  return jax.tree.map(_zero_cotangent, tree)
+
+
 def _zero_cotangent(x):
   if x is None:
     return None
@@ -94,7 +98,15 @@ def _frozen_update(kernel, bias) -> LayerUpdate:
       jnp.asarray(solvers.SolveStatus.CONVERGED, jnp.int32)))
 
 
-def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
+def _implied_gradient(kind, inputs, kernel, e_g):
+  """``A_iᵀ(e_g)`` for the kernel: the gradient of ``Σ w ℓ`` that the error
+  reaching the layer implies (for the mismatch check)."""
+  return jax.linear_transpose(lambda k: kind.apply(k, None, inputs),
+                              kernel)(e_g)[0]
+
+
+def _layer_op(layer, rebuild, chain_new, frozen, collect=False,
+              report=False):
   """The custom-VJP stand-in for one linear layer in the graph replay.
 
   ``op(f, inputs, outputs, kernel, bias, weights, hyper, slot)`` returns
@@ -104,10 +116,12 @@ def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
   solves the layer's subproblem with the rule, and returns as cotangents:
   for ``f`` (the replayed layer input), the error chained to the layer's
   input, ``A_iᵀ(e_g; θ_chain)``; for ``slot`` (a zero placeholder shaped
-  like the update), the layer's :class:`LayerUpdate`; zeros for the rest.
+  like the update), the layer's :class:`LayerUpdate` (with ``report``,
+  also the gradient ``e_g`` implies, :func:`_implied_gradient`); zeros for
+  the rest.
   Every array the backward pass needs is an explicit input, so that nothing
   traced by an outer ``jit`` or ``vmap`` is closed over (``weights`` are
-  the rows' weights, or ``None``); ``layer`` only supplies its static
+  the rows' ``(row_weights, row_fill)``); ``layer`` only supplies its static
   description. The rule is called with ``e_f=None``: on a graph the error
   on a layer's activation is not defined, and the linearized and ProxBP
   rules do not use it. A ``frozen`` layer solves nothing and passes the
@@ -117,7 +131,8 @@ def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
   solve over all the layer's applications after the pass.
   """
   static = dataclasses.replace(layer, inputs=None, outputs=None,
-                               segment=None, params=None, row_weights=None)
+                               segment=None, params=None, row_weights=None,
+                               row_fill=None)
 
   @jax.custom_vjp
   def op(f, inputs, outputs, kernel, bias, weights, hyper, slot):
@@ -130,9 +145,10 @@ def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
 
   def bwd(residuals, e_g):
     f, inputs, outputs, kernel, bias, weights, hyper = residuals
-    problem = dataclasses.replace(static, inputs=inputs, outputs=outputs,
-                                  row_weights=weights)
     e_g = e_g.astype(kernel.dtype)
+    problem = dataclasses.replace(
+        static, inputs=inputs, outputs=outputs, row_weights=weights[0],
+        row_fill=weights[1]).counted(e_g)
     if collect:
       if jnp.issubdtype(f.dtype, jnp.integer):  # token ids: no error below
         e_f = _zero_cotangent(f)
@@ -142,7 +158,7 @@ def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
         e_f = pullback(e_g)[0].astype(f.dtype)
       return (e_f, _zero_cotangent(inputs),
               _zero_cotangent(outputs), _zero_cotangent(kernel),
-              _zero_cotangent(bias), _zero_cotangent(weights),
+              _zero_cotangent(bias), _zero_tree(weights),
               [_zero_cotangent(h) for h in hyper], e_g)
     update = (_frozen_update(kernel, bias) if frozen else
               rebuild(hyper)(problem, kernel, bias, None, e_g))
@@ -154,16 +170,19 @@ def _layer_op(layer, rebuild, chain_new, frozen, collect=False):
     # The report travels as cotangents in the compute dtype: small
     # integers (iterations, the status code) are exact there.
     info = tuple(jnp.asarray(v).astype(kernel.dtype) for v in update.info)
+    slot = (update.kernel, update.bias, info) + (
+        (_implied_gradient(static.kind, inputs, kernel, e_g),) if report
+        else ())
     return (e_f, _zero_cotangent(inputs), _zero_cotangent(outputs),
             _zero_cotangent(kernel), _zero_cotangent(bias),
-            _zero_cotangent(weights), [_zero_cotangent(h) for h in hyper],
-            (update.kernel, update.bias, info))
+            _zero_tree(weights), [_zero_cotangent(h) for h in hyper],
+            slot)
 
   op.defvjp(fwd, bwd)
   return op
 
 
-def _graph_sweep(problems, params, rule, frozen):
+def _graph_sweep(problems, params, rule, frozen, report):
   """The sweep over a general graph: one reverse pass through the model.
 
   The model is replayed once on the forward pass's input with every linear
@@ -186,14 +205,18 @@ def _graph_sweep(problems, params, rule, frozen):
   groups = _applications(layers)
   collect = [_solved_together(layers, groups[layer.key])
              and not is_frozen for layer, is_frozen in zip(layers, frozen)]
-  ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen, shared)
-         for layer, is_frozen, shared in zip(layers, frozen, collect)]
+  ops = [_layer_op(layer, rebuild, rule.chain_new, is_frozen, shared,
+                   i == report)
+         for i, (layer, is_frozen, shared) in enumerate(
+             zip(layers, frozen, collect))]
   zero = lambda a: None if a is None else jnp.zeros_like(a)
   # A shared application's slot receives its e_g: shaped, and split over
   # devices, like its output.
   slots = [jnp.zeros_like(layer.outputs, k.dtype) if shared else
-           (zero(k), zero(b), (jnp.zeros((), k.dtype),) * 3)
-           for (k, b), layer, shared in zip(params, layers, collect)]
+           (zero(k), zero(b), (jnp.zeros((), k.dtype),) * 3) + (
+               (zero(k),) if i == report else ())
+           for i, ((k, b), layer, shared) in enumerate(
+               zip(params, layers, collect))]
   model_dtypes = [layer.outputs.dtype for layer in problems.layers]
 
   def replay(slots):
@@ -203,7 +226,8 @@ def _graph_sweep(problems, params, rule, frozen):
       kernel, bias = params[index]
       layer = layers[index]
       g = ops[index](f, layer.inputs, layer.outputs, kernel, bias,
-                     layer.row_weights, hyper, slots[index])
+                     (layer.row_weights, layer.row_fill), hyper,
+                     slots[index])
       if index == len(layers) - 1:
         top.append(g)
       return g.astype(model_dtypes[index])
@@ -216,12 +240,14 @@ def _graph_sweep(problems, params, rule, frozen):
   _, pullback = jax.vjp(replay, slots)
   e = problems.output_error.astype(params[-1][0].dtype)
   (found,) = pullback(e)
-  updates = []
+  updates, implied = [], None
   for shared, cotangent in zip(collect, found):
     if shared:  # e_g of one application, solved below
       updates.append(None)
       continue
-    dk, db, (its, res, status) = cotangent
+    dk, db, (its, res, status) = cotangent[:3]
+    if len(cotangent) > 3:
+      implied = cotangent[3]
     updates.append(LayerUpdate(dk, db, solvers.SolveInfo(
         its.astype(jnp.int32), res.astype(jnp.float32),
         status.astype(jnp.int32))))
@@ -229,7 +255,8 @@ def _graph_sweep(problems, params, rule, frozen):
     if not collect[indices[0]]:
       continue
     kernel, bias = params[indices[0]]
-    members = [layers[i] for i in indices]
+    # Each application's rows counted with the error it received.
+    members = [layers[i].counted(found[i]) for i in indices]
     if any(isinstance(m.kind, kinds.Attend) for m in members):
       # A table used as the output projection (tied embeddings).
       pairs = [(m, found[i]) for m, i in zip(members, indices)]
@@ -246,15 +273,20 @@ def _graph_sweep(problems, params, rule, frozen):
     stack = lambda arrays: jnp.stack(arrays, axis=1).reshape(
         (-1,) + arrays[0].shape[1:])
     weights = [m.row_weights for m in members]
+    if all(w is None for w in weights):
+      weights = None
+    else:
+      weights = stack([jnp.ones(m.kind.row_shape(m.outputs.shape))
+                       if w is None else w
+                       for m, w in zip(members, weights)])
     stacked = dataclasses.replace(
         members[0], inputs=stack([m.inputs for m in members]),
-        outputs=stack([m.outputs for m in members]),
-        row_weights=None if weights[0] is None else stack(weights))
+        outputs=stack([m.outputs for m in members]), row_weights=weights)
     update = rule(stacked, kernel, bias, None,
                   stack([found[i] for i in indices]))
     for i in indices:
       updates[i] = update
-  return updates
+  return updates, implied
 
 
 def _solved_together(layers, indices) -> bool:
@@ -274,6 +306,28 @@ def _applications(layers) -> dict:
 
 def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
                    frozen=None) -> list[LayerUpdate]:
+  """The layers' changes of :func:`sweep_and_report` alone."""
+  return sweep_and_report(problems, params, rule, frozen)[0]
+
+
+def check_layer(problems: problems_lib.Problems, frozen) -> int | None:
+  """The layer whose gradient the mismatch check compares: the last one
+  (in call order) that is solved on its own (neither frozen nor shared nor
+  a tied table) with every later layer passing the error through its old
+  weights (frozen, shared or tied), so that the error it receives is
+  backprop's under every rule; ``None`` if there is none."""
+  groups = _applications(problems.layers)
+  for i in reversed(range(len(problems.layers))):
+    if frozen[i]:
+      continue
+    if not _solved_together(problems.layers,
+                            groups[problems.layers[i].key]):
+      return i
+  return None
+
+
+def sweep_and_report(problems: problems_lib.Problems, params, rule: Rule,
+                     frozen=None, report: int | None = None):
   """Runs the semi-implicit backward sweep.
 
   From the last layer to the first, the error reaching layer ``i``'s output
@@ -308,9 +362,14 @@ def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
       not solved, its change is zero and the error passes through its
       ``params`` as they are.
 
+    report: the index of a layer (:func:`check_layer`) whose implied
+      gradient to return, or ``None``.
+
   Returns:
-    A list of :class:`LayerUpdate` (the changes of the parameters), input to
-    output.
+    ``(updates, implied)``: a list of :class:`LayerUpdate` (the changes of
+    the parameters), input to output, and ``A_reportᵀ(e_g)``, the gradient
+    of ``Σ w ℓ`` with respect to that layer's kernel that the error
+    reaching it implies (``None`` without ``report``).
   """
   frozen = tuple(frozen or (False,) * len(problems.layers))
   paper = isinstance(rule, rules_lib.PaperRule)
@@ -337,15 +396,15 @@ def backward_sweep(problems: problems_lib.Problems, params, rule: Rule,
             "paper variant needs a chain; use variant='linearized' on this "
             'model.')
   if problems.graph is not None and not paper:
-    return _graph_sweep(problems, params, rule, frozen)
-  return _chain_sweep(problems, params, rule, frozen)
+    return _graph_sweep(problems, params, rule, frozen, report)
+  return _chain_sweep(problems, params, rule, frozen, report)
 
 
-def _chain_sweep(problems, params, rule, frozen):
+def _chain_sweep(problems, params, rule, frozen, report):
   """The sweep down a chain through its segments."""
   layers = problems.layers
   e_f = problems.output_error
-  updates = [None] * len(layers)
+  updates, implied = [None] * len(layers), None
   for i in reversed(range(len(layers))):
     layer = layers[i]
     kernel, bias = params[i]
@@ -356,12 +415,14 @@ def _chain_sweep(problems, params, rule, frozen):
     e_f = e_f.astype(dtype)
     e_g = e_f if layer.segment is None else layer.segment.vjp(
         layer.outputs, e_f).astype(dtype)
+    if i == report:
+      implied = _implied_gradient(layer.kind, layer.inputs, kernel, e_g)
     updates[i] = (_frozen_update(kernel, bias) if frozen[i] else
-                  rule(layer, kernel, bias, e_f, e_g))
+                  rule(layer.counted(e_g), kernel, bias, e_f, e_g))
     if i:
       chain_kernel = kernel + updates[i].kernel if rule.chain_new else kernel
       _, pullback = jax.vjp(
           lambda f, k=chain_kernel, kind=layer.kind: kind.apply(k, None, f),
           layer.inputs)
       e_f = pullback(e_g)[0]
-  return updates
+  return updates, implied

@@ -149,13 +149,16 @@ class RidgeProblem:
       fixed (the SIBP paper variant solves the bias on its own).
     bias_shape: shape of the bias, or ``None`` if it is held fixed or absent.
     lam_kernel, lam_bias: the proximal weights ``λ_W`` and ``λ_b`` (> 0).
-    row_weights: ``None``, or the weight ``w`` of each row, shaped like the
-      output's row axes (:meth:`sibp_jax.Dense.row_shape`): the data term
-      becomes ``Σ_rows w ‖A(Δ) - R‖²``. The problem then holds it as the
-      unweighted one of ``√w ⊙ A`` and ``√w ⊙ R``: :meth:`apply` scales by
-      ``√w`` and ``residual`` must be ``√w ⊙ R`` (:meth:`weighted` builds
-      it), so that a solver written for the unweighted problem solves the
-      weighted one unchanged.
+    row_weights: ``None``, or how many times each row counts, ``ρ``,
+      shaped like the output's row axes (:meth:`sibp_jax.Dense.row_shape`):
+      the normal equations become ``(AᵀρA + Λ) Δ = Aᵀ R``, the weights
+      entering the curvature only (the residual ``R`` already carries
+      them through the error, docs/algorithms.md "Weights"). The problem
+      then holds it as the unweighted one of ``√ρ ⊙ A`` and ``R / √ρ``:
+      :meth:`apply` scales by ``√ρ`` and ``residual`` must be ``R / √ρ``
+      (:meth:`weighted` builds it), so that a solver written for the
+      unweighted problem solves the weighted one unchanged. A row of
+      ``ρ = 0`` must have ``R = 0`` (it reaches no weighted term).
   """
 
   kind: Any
@@ -170,9 +173,11 @@ class RidgeProblem:
   @classmethod
   def weighted(cls, kind, inputs, residual, kernel_shape, bias_shape,
                lam_kernel, lam_bias, row_weights=None):
-    """The problem of residual ``R`` with rows weighted by ``row_weights``."""
+    """The problem of residual ``R`` whose rows count ``row_weights``."""
     if row_weights is not None:
-      residual = residual * _rows(jnp.sqrt(row_weights), residual)
+      root = _rows(jnp.sqrt(row_weights), residual)
+      residual = jnp.where(root > 0, residual / jnp.where(root > 0, root, 1),
+                           0)
     return cls(kind, inputs, residual, kernel_shape, bias_shape, lam_kernel,
                lam_bias, row_weights)
 
