@@ -25,7 +25,7 @@ RESUME_SETTINGS = ('dataset', 'model', 'optimizer', 'learning_rate',
                    'momentum', 'proxbp_solver', 'proxbp_outer', 'schedule',
                    'batch_size',
                    'seed', 'train_examples', 'validation_examples',
-                   'mock_data', 'seq_len')
+                   'mock_data', 'seq_len', 'text_file', 'validation_fraction')
 # Settings a sweep refuses: it is not checkpointed.
 NOT_WITH_SWEEP = ('checkpoint_dir', 'resume', 'params_out',
                   'stop_after_steps')
@@ -44,6 +44,7 @@ class Config(optimizers.Hyperparameters):
 
   dataset: str = 'mnist'
   data_dir: str | None = None
+  text_file: str | None = None
   model: str = 'paper_mlp'
   optimizer: str = 'sibp'
   learning_rate: float | None = None
@@ -53,6 +54,7 @@ class Config(optimizers.Hyperparameters):
   seed: int = 0
   train_examples: int | None = None
   validation_examples: int = input_pipeline.VALIDATION_EXAMPLES
+  validation_fraction: float | None = None
   eval_batch_size: int = 1000
   mock_data: int | None = None
   metrics_out: str | None = None
@@ -67,9 +69,17 @@ class Config(optimizers.Hyperparameters):
 
 # Each setting's help, in the order ``train.py --help`` lists them.
 HELP = {
-    'dataset': 'digits is bundled with scikit-learn (no download)',
+    'dataset': 'digits is bundled with scikit-learn (no download); '
+               'text_file reads --text_file (char_lm)',
     'data_dir': 'TFDS data directory (default $TFDS_DATA_DIR or '
                 '~/tensorflow_datasets)',
+    'text_file': '--dataset text_file: local UTF-8 text to train char_lm on, '
+                 'a file or directory, or several separated by commas; the '
+                 "files and each directory's files (not hidden, not .dat, "
+                 'not in subdirectories) are read in sorted order of their '
+                 'paths, a file reached twice (a link) once, and '
+                 'concatenated; the vocabulary is the whole text\'s '
+                 'characters',
     'model': 'see examples/models.py',
     'optimizer': 'sibp is the library default (linearized) variant',
     'learning_rate': 'SIBP: the neuron step eta. Default per optimizer: '
@@ -97,12 +107,16 @@ HELP = {
     'epochs': 'passes over the training set; 0: only prepare the data and '
               'evaluate',
     'batch_size': 'examples per step',
-    'seq_len': 'tiny_shakespeare: characters per example (the char_lm '
-               "model's context)",
+    'seq_len': 'tiny_shakespeare, text_file: characters per example (the '
+               "char_lm model's context)",
     'seed': 'seed of the initial weights and the batch order',
     'train_examples': 'train on the first N training examples (default all)',
     'validation_examples': 'held out from the training split (a fifth when '
                            'smaller)',
+    'validation_fraction': '--dataset text_file: the share of the text held '
+                           'out at its end for validation (and test: the '
+                           'same text); unset: '
+                           f'{input_pipeline.VALIDATION_FRACTION:g}',
     'eval_batch_size': 'examples per evaluation batch (memory only)',
     'metrics_out': 'JSON metrics, rewritten after every epoch',
     'plot_out': 'loss and accuracy against epochs and seconds',
@@ -120,7 +134,8 @@ HELP = {
 }
 METAVARS = {'metrics_out': 'FILE.json', 'plot_out': 'FILE.png',
             'mock_data': 'N', 'checkpoint_dir': 'DIR', 'params_out': 'FILE.npz',
-            'stop_after_steps': 'N', 'sweep': 'LR1,LR2,...'}
+            'stop_after_steps': 'N', 'sweep': 'LR1,LR2,...',
+            'text_file': 'PATH[,PATH...]', 'validation_fraction': 'F'}
 
 
 def _methods(**changes) -> dict[str, tuple[str, dict[str, Any], Any]]:
@@ -236,8 +251,25 @@ def resolve(config: Config | Mapping[str, Any]) -> Config:
         f'the text datasets ({", ".join(input_pipeline.TEXT_DATASETS)}) need '
         f'a sequence model ({", ".join(models.SEQUENCE_MODELS)}), which '
         'needs one of them')
-  if config.mock_data is not None and config.dataset == 'digits':
-    raise UsageError('--mock_data is for the TFDS datasets, not digits')
+  if config.mock_data is not None and config.dataset in ('digits',
+                                                         'text_file'):
+    raise UsageError('--mock_data is for the TFDS datasets, not '
+                     f'{config.dataset}')
+  if config.dataset == 'text_file':
+    if not config.text_file:
+      raise UsageError('--dataset text_file needs --text_file PATH (a UTF-8 '
+                       'text file or a directory of them)')
+    if config.validation_fraction is None:
+      config.validation_fraction = input_pipeline.VALIDATION_FRACTION
+    if not 0 < config.validation_fraction < 1:
+      raise UsageError('validation_fraction must be in (0, 1), got '
+                       f'{config.validation_fraction}')
+  else:
+    given = [name for name in ('text_file', 'validation_fraction')
+             if getattr(config, name) is not None]
+    if given:
+      raise UsageError(f'{", ".join("--" + n for n in given)} is for '
+                       f'--dataset text_file, not {config.dataset}')
   if config.resume and not config.checkpoint_dir:
     raise UsageError('--resume needs --checkpoint_dir')
   return config

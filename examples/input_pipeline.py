@@ -21,6 +21,22 @@ r"""Datasets for the examples: train / validation / test arrays in memory.
   window's first ``seq_len`` ids are the input and its last ``seq_len`` the
   targets: ``x``, ``y`` int32 ``(n, seq_len)``, each the next character's
   id, so every character but the first is a target once.
+* ``text_file``: local UTF-8 text, for machines without internet:
+  ``text_file`` is a path, or several separated by commas, each a file or a
+  directory; a directory gives its files (not its subdirectories), except
+  hidden ones and ``.dat`` files (the binary indexes of ``fortune``'s
+  files). All these files are read in sorted order of their paths, a file
+  reached twice (a link, such as Debian's ``fortunes/NAME.u8 -> NAME``)
+  once, and concatenated (a newline added between two files where the
+  first lacks a final one). The vocabulary is the sorted characters of the
+  whole text. The last ``validation_fraction`` of the characters (default
+  10%) is held out for validation, the rest is trained on, each cut into
+  windows as ``tiny_shakespeare``'s, so no window of the training set
+  reaches a validation character. There is no test text: the test split is the
+  validation split (the same windows). A path missing, a file not valid
+  UTF-8 or holding a NUL byte (binary), an empty text, or one too short for
+  a window of ``seq_len + 1`` characters on both sides of the cut is a
+  ``ValueError`` that names the file.
 * ``mock_data=N``: ``tfds.testing.mock_data`` with ``N`` random examples per
   split (for tests); shapes as the real dataset. For ``tiny_shakespeare``
   that is ``N`` short random strings per split, joined by newlines into the
@@ -44,10 +60,12 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'tiny_shakespeare')
+DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'tiny_shakespeare',
+            'text_file')
 # Datasets of token sequences (for models.SEQUENCE_MODELS).
-TEXT_DATASETS = ('tiny_shakespeare',)
+TEXT_DATASETS = ('tiny_shakespeare', 'text_file')
 VALIDATION_EXAMPLES = 5000
+VALIDATION_FRACTION = 0.1  # text_file: the share of the text held out
 SEQ_LEN = 64
 DIGITS_TEST_EXAMPLES = 360  # of 1,797
 _READ_CHUNK = 10_000
@@ -232,6 +250,117 @@ def _load_text(name: str, data_dir: str | None, mock_data: int | None,
               vocabulary)
 
 
+def text_files(text_file: str) -> list[str]:
+  """The files that ``text_file`` names, in reading order.
+
+  Args:
+    text_file: a path, or several separated by commas; each a file or a
+      directory (its files: not hidden, not ``.dat``, not in
+      subdirectories).
+
+  Returns:
+    The paths, sorted, each file once (the first of the names that lead to
+    it).
+
+  Raises:
+    ValueError: a path that does not exist, or a directory without files.
+  """
+  found = []
+  for path in (p.strip() for p in text_file.split(',')):
+    if not path:
+      continue
+    if os.path.isdir(path):
+      inside = [e.path for e in os.scandir(path) if e.is_file()
+                and not e.name.startswith('.') and not e.name.endswith('.dat')]
+      if not inside:
+        raise ValueError(f'text_file: the directory {path!r} holds no text '
+                         'files (hidden and .dat files are skipped)')
+      found.extend(inside)
+    elif os.path.isfile(path):
+      found.append(path)
+    else:
+      raise ValueError(f'text_file: {path!r} does not exist (or is neither a '
+                       'file nor a directory)')
+  if not found:
+    raise ValueError(f'text_file={text_file!r} names no file')
+  files, seen = [], set()
+  for path in sorted(found):
+    real = os.path.realpath(path)
+    if real not in seen:
+      seen.add(real)
+      files.append(path)
+  return files
+
+
+def read_text_files(text_file: str) -> str:
+  """The text of :func:`text_files`, concatenated.
+
+  Args:
+    text_file: as :func:`text_files`.
+
+  Returns:
+    The files' text in their order, a newline added between two files where
+    the first does not end with one.
+
+  Raises:
+    ValueError: as :func:`text_files`, or a file that is not valid UTF-8 or
+      holds a NUL byte (binary), naming it.
+  """
+  texts = []
+  for path in text_files(text_file):
+    with open(path, 'rb') as f:
+      raw = f.read()
+    try:
+      text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise ValueError(
+          f'text_file: {path!r} is not valid UTF-8 (byte {e.start}: '
+          f'{e.reason}); convert it (iconv -t UTF-8) or leave it out by '
+          'listing the other files, separated by commas') from None
+    if '\0' in text:
+      raise ValueError(f'text_file: {path!r} holds a NUL byte (at byte '
+                       f'{raw.index(0)}): a binary file, not text')
+    if texts and texts[-1] and not texts[-1].endswith('\n'):
+      texts[-1] += '\n'  # the next file starts on a line of its own
+    texts.append(text)
+  return ''.join(texts)
+
+
+def _load_text_file(text_file: str | None, seq_len: int,
+                    train_examples: int | None,
+                    validation_fraction: float) -> Data:
+  """The ``text_file`` dataset, as the module docstring says."""
+  if not text_file:
+    raise ValueError('the text_file dataset needs text_file: the path of a '
+                     'UTF-8 text (or several, separated by commas)')
+  if seq_len < 1:
+    raise ValueError(f'seq_len must be at least 1, got {seq_len}')
+  if not 0 < validation_fraction < 1:
+    raise ValueError('validation_fraction must be in (0, 1), got '
+                     f'{validation_fraction}')
+  text = read_text_files(text_file)
+  if not text:
+    raise ValueError(f'text_file: {text_file!r} is empty')
+  cut = len(text) - round(len(text) * validation_fraction)
+  train, val = text[:cut], text[cut:]
+  if min(len(train), len(val)) < seq_len + 1:
+    raise ValueError(
+        f'text_file: {text_file!r} is too short: its {len(text)} characters '
+        f'split into {len(train)} to train on and {len(val)} to validate '
+        f'(validation_fraction {validation_fraction:g}), and each needs at '
+        f'least seq_len + 1 = {seq_len + 1}')
+  vocabulary = ''.join(sorted(set(text)))
+  x_train, y_train = char_windows(train, vocabulary, seq_len)
+  x_val, y_val = char_windows(val, vocabulary, seq_len)
+  if train_examples is not None:
+    if not 0 < train_examples <= len(x_train):
+      raise ValueError(f'train_examples={train_examples}: {text_file!r} has '
+                       f'{len(x_train)} training sequences of {seq_len}')
+    x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+  return Data('text_file', x_train, y_train, x_val, y_val, x_val, y_val,
+              len(vocabulary), vocabulary)
+
+
 def teacher_data(n: int, input_shape=(28, 28, 1), classes: int = 10,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """``n`` random images in [0, 1] labelled by a random linear teacher:
@@ -247,16 +376,25 @@ def teacher_data(n: int, input_shape=(28, 28, 1), classes: int = 10,
 def load(name: str, data_dir: str | None = None, *,
          validation_examples: int = VALIDATION_EXAMPLES,
          train_examples: int | None = None,
-         mock_data: int | None = None, seq_len: int = SEQ_LEN) -> Data:
+         mock_data: int | None = None, seq_len: int = SEQ_LEN,
+         text_file: str | None = None,
+         validation_fraction: float = VALIDATION_FRACTION) -> Data:
   """Loads one of :data:`DATASETS` as the module docstring says, from
   ``data_dir`` (TFDS; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
   keeps the first ``train_examples`` training images (default all) after the
   validation set is held out (text: the first training sequences of
-  ``seq_len`` characters; ``validation_examples`` does not apply). Raises
-  :class:`DatasetUnavailableError`, or ``ValueError`` for an unknown name or
-  an impossible size."""
+  ``seq_len`` characters; ``validation_examples`` does not apply). The
+  ``text_file`` dataset reads ``text_file`` (a path, or several separated by
+  commas) and holds out its last ``validation_fraction``. Raises
+  :class:`DatasetUnavailableError`, or ``ValueError`` for an unknown name,
+  an impossible size, or a text file that cannot be read or is too short."""
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
+  if name == 'text_file':
+    if mock_data is not None:
+      raise ValueError('mock_data is for the TFDS datasets, not text_file')
+    return _load_text_file(text_file, seq_len, train_examples,
+                           validation_fraction)
   if name in TEXT_DATASETS:
     return _load_text(name, data_dir, mock_data, seq_len, train_examples)
   if name == 'digits':

@@ -10,6 +10,8 @@ a dataset of ``input_pipeline.py``, with the settings of ``config.py``
       --optimizer proxbp --proxbp_solver cg3
   python examples/train.py --dataset digits --optimizer adam   # offline
   python examples/train.py --preset char_lm --optimizer adamw   # text
+  python examples/train.py --preset char_lm --dataset text_file \
+      --text_file corpus.txt   # any local UTF-8 text (or a directory)
 
 The defaults are the SIBP authors' run (MNIST, ``paper_mlp``, batch 100,
 5 epochs, ``η = 0.1``, ``λ_W = λ_b = 1``) with the library's default
@@ -79,7 +81,9 @@ def load_data(config: Config):
         config.dataset, config.data_dir,
         validation_examples=config.validation_examples,
         train_examples=config.train_examples, mock_data=config.mock_data,
-        seq_len=config.seq_len)
+        seq_len=config.seq_len, text_file=config.text_file,
+        validation_fraction=(config.validation_fraction
+                             or input_pipeline.VALIDATION_FRACTION))
   except ValueError as e:
     raise UsageError(str(e)) from None
   if config.batch_size > len(data.x_train):
