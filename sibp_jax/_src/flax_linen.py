@@ -211,14 +211,17 @@ def value_grad_and_problems(module: nn.Module, params, x, y, *args,
       of size ``learning_rate`` for matrices; ``proxbp``: its outer
       optimizer).
     weights: ``None``, or a weight per example ``(B,)`` or per position
-      ``(B, T, ...)`` (padding, masked tokens: 0 drops the term). The
-      mean loss becomes ``J = Σ w ℓ / Σ w`` (per-position weights
-      broadcast over a per-position loss; a per-example loss takes each
-      example's largest weight), the output error ``w ⊙ ∂ℓ/∂z``, and
-      every layer's regression weighs its rows alike: a layer applied at
-      every position takes the weights position by position, a layer
-      after pooling takes each example's largest. A row of weight 0 is not
-      part of any problem.
+      ``(B, T, ...)`` (padding, a prompt: 0 drops the term). The mean
+      loss becomes ``J = Σ w ℓ / Σ w`` (per-position weights broadcast
+      over a per-position loss; a per-example loss takes each example's
+      largest weight). A weight multiplies its term once: the output error
+      is ``w ⊙ ∂ℓ/∂z``, so every layer's error is that of ``Σ w ℓ``, and a
+      row of a layer's regression counts as its own term's weight, as the
+      batch's largest weight where it has none but carries error (a prompt
+      token that later tokens attend to), and not at all where it reaches
+      no weighted term (docs/algorithms.md, "Weights"). Which axis of
+      each layer's input and output holds the batch is read from one more
+      trace of the model, shapes only, at another batch size.
     **kwargs: further keyword arguments of the module call, e.g.
       ``train=True``.
 

@@ -197,8 +197,11 @@ class PaperRule:
     eta = self.learning_rate
     if layer.row_weights is not None:
       raise ValueError(
-          "variant='paper' does not take weights= (masks): its fits through "
-          "the activations are unweighted; use variant='linearized'.")
+          f"variant='paper' fits layer '{layer.name}' through its activation "
+          'unweighted, but its rows are weighted: weights= (masks) were '
+          'given, or the layer is applied to an input without the batch '
+          '(its rows count once per example); use '
+          "variant='linearized'.")
     if layer.segment is None:
       residual = -eta * e_f
       (dk, _), info_k = self.last_solver.solve(solvers.RidgeProblem(
