@@ -453,3 +453,34 @@ def test_positions_on_arange_train_under_jit():
 
   losses = [float(step(model, opt)) for _ in range(6)]
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize('bad', [-1.0, np.nan, np.inf])
+def test_negative_or_non_finite_weights_are_named(bad):
+  x, y = _lm_data(2)
+  with pytest.raises(ValueError, match='finite and non-negative'):
+    sibp_jax.nnx.value_grad_and_problems(
+        LM(dtype=jnp.float32), x, y, loss_fn=xent,
+        weights=jnp.ones((2, T)).at[1, 2].set(bad))
+
+
+class MaskedLinenLM(nn.Module):
+  """A linen decoder taking its attention mask as a call argument."""
+
+  @nn.compact
+  def __call__(self, ids, mask):
+    h = nn.Embed(V, D, name='tokens')(ids)
+    h = h + nn.SelfAttention(2, name='attention')(h, mask=mask)
+    return nn.Dense(V, name='head')(h)
+
+
+def test_linen_call_arguments_led_by_the_batch_follow_it():
+  """The batch-axis probe resizes a mask passed as a call argument."""
+  x, y = _lm_data(4)
+  mask = nn.make_causal_mask(x)
+  module = MaskedLinenLM()
+  params = module.init(jax.random.key(0), x, mask)['params']
+  _, _, problems = sibp_jax.linen.value_grad_and_problems(
+      module, params, x, y, mask, loss_fn=xent,
+      weights=jnp.broadcast_to(jnp.arange(T) >= 2, (4, T)))
+  assert [layer.batch_axis for layer in problems.layers] == [0] * 6

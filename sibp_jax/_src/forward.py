@@ -91,11 +91,17 @@ class Forward:
             f'({x.shape[0]}) as its leading axis, got '
             f'{weights.dtype}{list(weights.shape)}')
       weights = weights.astype(jnp.result_type(float))
-      if not isinstance(weights, jax.core.Tracer) and not np.any(
-          np.asarray(weights)):
-        raise ValueError(
-            'weights: every weight is 0, so the batch has no loss term '
-            '(the mean loss would be 0 / 0).')
+      if not isinstance(weights, jax.core.Tracer):
+        known = np.asarray(weights)
+        bad = ~(np.isfinite(known) & (known >= 0))
+        if np.any(bad):
+          raise ValueError(
+              'weights must be finite and non-negative (a weight multiplies '
+              f'its loss term), got values such as {known[bad].ravel()[:3]}.')
+        if not np.any(known):
+          raise ValueError(
+              'weights: every weight is 0, so the batch has no loss term '
+              '(the mean loss would be 0 / 0).')
     self.weights = weights
     self.records: list[capture.Record] = []
     self.modules: dict[Path, type] = {}  # see Tape.modules
