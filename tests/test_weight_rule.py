@@ -390,13 +390,28 @@ def test_tied_output_under_multisteps_warns():
              for w in caught), [str(w.message) for w in caught]
 
 
+class SharedHead(nnx.Module):
+  """The last layer applied twice (shared weights)."""
+
+  def __init__(self):
+    kw = dict(param_dtype=jnp.float64, dtype=jnp.float64)
+    self.a = nnx.Linear(T, V, rngs=nnx.Rngs(0), **kw)
+    self.head = nnx.Linear(V, V, rngs=nnx.Rngs(1), **kw)
+
+  def __call__(self, ids):
+    h = jax.nn.tanh(self.a(jax.nn.one_hot(ids[:, 0], T)))
+    return self.head(jax.nn.tanh(self.head(h)))
+
+
 @pytest.mark.usefixtures('x64')
-@pytest.mark.parametrize('how', ['clip', 'frozen_head'])
+@pytest.mark.parametrize('how', ['clip', 'frozen_head', 'shared_head'])
 def test_mismatch_is_measured_for_every_output_kind(how):
-  """A clip before the transformation is seen with a tied output; a frozen
-  head leaves the check to the layer below it."""
-  model = LM(tied=how == 'clip')
+  """A gradient scaled before the transformation is seen with a tied
+  output; a frozen or shared head leaves the check to the layer below."""
+  model = SharedHead() if how == 'shared_head' else LM(tied=how == 'clip')
   x, y = _lm_data(3)
+  if how == 'shared_head':
+    y = y[:, 0]
   _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
       model, x, y, loss_fn=xent)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
