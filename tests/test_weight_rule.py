@@ -499,3 +499,29 @@ def test_linen_call_arguments_led_by_the_batch_follow_it():
       module, params, x, y, mask, loss_fn=xent,
       weights=jnp.broadcast_to(jnp.arange(T) >= 2, (4, T)))
   assert [layer.batch_axis for layer in problems.layers] == [0] * 6
+
+
+def test_all_zero_weights_under_jit_warn_and_skip():
+  """Traced weights cannot be checked when the step is built: a batch whose
+  weights are all 0 warns at run time and its step is skipped."""
+  x, y = _lm_data(2)
+  model = LM(dtype=jnp.float32)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  graphdef, state = nnx.split(model)
+  tx = sibp_jax.scale_by_sibp(0.1)
+
+  @jax.jit
+  def step(state, weights):
+    m = nnx.merge(graphdef, state)
+    loss, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+        m, x, y, loss_fn=xent, weights=weights)
+    _, opt = tx.update(nnx.as_pure(grads), tx.init(params), params,
+                       problems=problems)
+    return loss, opt.info.finite
+
+  with pytest.warns(UserWarning, match='every weight of this batch is 0'):
+    loss, finite = step(state, jnp.zeros((2, T)))
+    jax.effects_barrier()
+  assert np.isnan(loss) and not finite
+  loss, finite = step(state, jnp.ones((2, T)))
+  assert np.isfinite(loss) and finite
