@@ -5,8 +5,8 @@ Run from the repository root after changing a public name or its docstring::
   python docs/make_api.py           # rewrites docs/api.md
   python docs/make_api.py --check   # exits 1 when docs/api.md is out of date
 
-The page lists ``sibp_jax.__all__``, then ``sibp_jax.nnx.__all__`` and
-``sibp_jax.linen.__all__``, in that order: each function's signature and
+The page lists ``sibp_jax.__all__``, then ``sibp_jax.nnx.__all__``,
+``sibp_jax.linen.__all__`` and ``sibp_jax.tag.__all__``, in that order: each function's signature and
 docstring, each class's signature, docstring and public methods. The
 docstrings' reStructuredText (Google style) becomes Markdown: ````code````
 becomes `code`, roles such as ``:func:`x``` become `x`, ``.. math::`` and
@@ -34,7 +34,7 @@ HEADER = f"""# API reference
 
 Generated from the docstrings by `{COMMAND}`; edit the
 docstrings, not this page. Import everything from `sibp_jax`,
-`sibp_jax.nnx` and `sibp_jax.linen` as named here.
+`sibp_jax.nnx`, `sibp_jax.linen` and `sibp_jax.tag` as named here.
 """
 
 # Google-style sections whose entries are ``name: text``.
@@ -254,7 +254,7 @@ def render() -> str:
   import sibp_jax  # pylint: disable=import-outside-toplevel
 
   modules = {'sibp_jax': sibp_jax, 'sibp_jax.nnx': sibp_jax.nnx,
-             'sibp_jax.linen': sibp_jax.linen}
+             'sibp_jax.linen': sibp_jax.linen, 'sibp_jax.tag': sibp_jax.tag}
   names = {module: [n for n in vars(modules[module])['__all__']
                     if not inspect.ismodule(getattr(modules[module], n))]
            for module in modules}

@@ -2,6 +2,7 @@
 
 from sibp_jax import linen
 from sibp_jax import nnx
+from sibp_jax import tag
 from sibp_jax._src.alias import proxbp
 from sibp_jax._src.alias import sibp
 from sibp_jax._src.kinds import Attend
@@ -59,4 +60,5 @@ __all__ = (
     'scale_by_sibp',
     'sibp',
     'skip_outer_on_bad_step',
+    'tag',
 )

@@ -203,18 +203,22 @@ def test_embedding_solve_matches_numpy_row_by_row():
   np.testing.assert_allclose(ck, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_the_state_knows_every_registered_kernel_name():
-  # The transformations' state keeps one entry per layer from init on, by
-  # the kernel names of the layer registry: a kernel of another name would
-  # change the state's structure at the first step (one more compile).
-  from sibp_jax._src import flax_layers  # noqa: PLC0415
-  from sibp_jax._src import layerwise  # noqa: PLC0415
-  assert {t.kernel for t in flax_layers.LAYERS} <= set(
-      layerwise.KERNEL_NAMES)
+def test_the_state_knows_every_layer_from_init():
+  # The transformations' state keeps one entry per layer from init on
+  # (the parents of every parameter of two axes or more): a layer missing
+  # there would change the state's structure at the first step (one more
+  # compile, and a scan over steps would refuse the new carry).
   model = Block(jnp.float32)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  names = set(sibp_jax.scale_by_sibp(0.1).init(params).info.status)
-  assert {'positions', 'attention/query', 'head'} <= names
+  tx = sibp_jax.scale_by_sibp(0.1)
+  state = tx.init(params)
+  x, y = _tokens(jnp.float32)
+  _, grads, problems = sibp_jax.nnx.value_grad_and_problems(
+      model, x, y, loss_fn=xent)
+  _, new = tx.update(nnx.as_pure(grads), state, params, problems=problems)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  assert {layer.module_name for layer in problems.layers} <= set(
+      state.info.status)
 
 
 def test_vmap_over_seeds_equals_separate_runs():

@@ -36,7 +36,10 @@ class Record:
   path: Path
   inputs: jax.Array
   outputs: jax.Array
-  names: tuple[str, str | None]  # the kernel's and the bias's parameter names
+  # The kernel's and the bias's parameters: names beside ``path`` (a Flax
+  # module's), or whole paths (a tagged model's, whose ``path`` is then its
+  # kernel's).
+  names: tuple
   kind: Hashable
   params: tuple  # the kernel's and the bias's values (None: no bias)
   # The slice of stacked parameters this call used (a layer of a scan over
@@ -47,6 +50,12 @@ class Record:
   def key(self) -> tuple[Path, tuple[int, ...]]:
     """Tells one layer from another: its path and the slice it uses."""
     return self.path, self.index
+
+  @property
+  def param_paths(self) -> tuple[Path, Path | None]:
+    """The kernel's and the bias's paths (``None``: no bias)."""
+    return tuple(None if n is None else n if isinstance(n, tuple) else
+                 self.path + (n,) for n in self.names)
 
 
 def layer_str(path: Path, index: tuple[int, ...] = ()) -> str:
@@ -427,8 +436,7 @@ def chain_links(graph: GraphFn, data, x, records) -> list[bool]:
   # is replaced by its recorded output.
   flat, treedef = jax.tree_util.tree_flatten_with_path(data)
   names = [tuple(problems_lib.key_name(k) for k in path) for path, _ in flat]
-  owned = {rec.path + (name,) for rec in records for name in rec.names
-           if name is not None}
+  owned = {p for rec in records for p in rec.param_paths if p is not None}
   # Data leaf index -> the parameter's path (the layer's path and name).
   found = {i: p for i, name in enumerate(names) for p in owned
            if name[len(name) - len(p):] == p}

@@ -136,8 +136,7 @@ class Forward:
 
   def owned(self) -> set[Path]:
     """The paths of the recorded layers' parameters (without a prefix)."""
-    return {r.path + (name,) for r in self.records for name in r.names
-            if name is not None}
+    return {p for r in self.records for p in r.param_paths if p is not None}
 
   def problems(self, loss, aux, *, runner, data, prefix: Path = (),
                check: bool = True, resize=None):
@@ -218,9 +217,9 @@ def build_problems(records: list[capture.Record], output_error, logits, *,
         capture.layer_str(*rec.key))
     layers.append(problems_lib.LayerProblem(
         inputs=rec.inputs, outputs=rec.outputs, segment=segment,
-        kind=rec.kind, kernel_path=prefix + rec.path + (rec.names[0],),
+        kind=rec.kind, kernel_path=prefix + rec.param_paths[0],
         bias_path=(None if rec.names[1] is None else
-                   prefix + rec.path + (rec.names[1],)),
+                   prefix + rec.param_paths[1]),
         params=rec.params, index=rec.index, row_weights=own, row_fill=fill,
         batch_axis=axis))
   return problems_lib.Problems(

@@ -36,13 +36,11 @@ class LayerwiseInfo(NamedTuple):
   (:attr:`sibp_jax.LayerProblem.name`: the path of the module that holds
   the kernel, e.g. ``'layers/0'``; a layer applied several times, and the
   layers of a scan that own slices of one stacked kernel, have one entry,
-  the worst of theirs). ``init`` finds the layers in the
-  parameter tree (every parameter named ``kernel`` or ``embedding``, as
-  Flax's layers name them) so that the state keeps one structure from the
-  first step on; a layer of ``problems`` whose kernel is named otherwise
-  joins the dicts at the first update, and an entry no layer of
-  ``problems`` names keeps its initial value (status ``CONVERGED``, no
-  iterations).
+  the worst of theirs). ``init`` finds the layers in the parameter tree
+  (the parents of every parameter with two axes or more, as every kernel
+  has) so that the state keeps one structure from the first step on; an
+  entry no layer of ``problems`` names keeps its initial value (status
+  ``CONVERGED``, no iterations).
 
   Attributes:
     finite: ``False`` if the step was skipped because something was not
@@ -104,20 +102,19 @@ class LayerwiseState(NamedTuple):
   info: LayerwiseInfo
 
 
-# The kernels' names in the Flax layer registry (``flax_layers.LAYERS``;
-# tests/test_transformer.py keeps the two in step).
-KERNEL_NAMES = ('kernel', 'embedding')
-
-
 def layer_names(params) -> list[str]:
-  """The names of the layers in a parameter tree: the paths of the parents
-  of parameters named as kernels (:data:`KERNEL_NAMES`), as
-  :attr:`LayerProblem.name` spells them."""
+  """The names of the layers a parameter tree may hold: the paths of the
+  parents of its leaves with two axes or more (every layer's kernel has
+  them, whatever its name; a vector does not), as
+  :attr:`LayerProblem.name` spells them. A parent that holds no layer's
+  kernel only adds an entry that keeps its initial value."""
   names = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = _param_path(path)
-    if path and path[-1] in KERNEL_NAMES:
-      names.append(problems_lib.path_str(path[:-1]) or '<root>')
+    if path and jnp.ndim(leaf) >= 2:
+      name = problems_lib.path_str(path[:-1]) or '<root>'
+      if name not in names:
+        names.append(name)
   return names
 
 
