@@ -6,8 +6,9 @@ Run from the repository root after changing a public name or its docstring::
   python docs/make_api.py --check   # exits 1 when docs/api.md is out of date
 
 The page lists ``sibp_jax.__all__``, then ``sibp_jax.nnx.__all__``,
-``sibp_jax.linen.__all__`` and ``sibp_jax.tag.__all__``, in that order: each function's signature and
-docstring, each class's signature, docstring and public methods. The
+``sibp_jax.linen.__all__`` and ``sibp_jax.tag.__all__``, in that order:
+each function's signature and docstring, each class's signature,
+docstring and public methods. The
 docstrings' reStructuredText (Google style) becomes Markdown: ````code````
 becomes `code`, roles such as ``:func:`x``` become `x`, ``.. math::`` and
 ``::`` blocks become fenced text, doctest examples fenced ``pycon``, and

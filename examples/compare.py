@@ -8,13 +8,19 @@ colour per run, starting from the evaluation before the first step::
   python examples/compare.py sibp.json adam.json proxbp.json --out runs.png
 
 Each run is labelled by its optimizer and the settings in which the runs
-differ (``--labels`` overrides).
+differ (``--labels`` overrides). ``--steps`` draws instead each run's batch
+loss at every step (``step_loss``, before the step's update), averaged over
+``--smooth`` steps, ``--bits`` in bits (the loss over ln 2: bits per
+character for a character model)::
+
+  python examples/compare.py sibp.json adamw.json --steps --bits --out c.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -91,6 +97,50 @@ def plot(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
   plt.close(fig)
 
 
+def smoothed(values: Sequence[float | None], window: int) -> np.ndarray:
+  """The mean of each ``window`` consecutive values, ending at each step
+  from the ``window``-th on (``None``: NaN, which spoils its windows)."""
+  v = np.asarray([np.nan if x is None else x for x in values], float)
+  if window <= 1 or len(v) < window:
+    return v
+  c = np.concatenate([[0.0], np.cumsum(v)])
+  return (c[window:] - c[:-window]) / window
+
+
+def plot_steps(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str,
+               title: str | None = None, smooth: int = 1,
+               bits: bool = False) -> None:
+  """Plots each run's ``step_loss`` against the step, the mean of
+  ``smooth`` steps ending at each (``bits``: divided by ln 2), to the image
+  file ``path``."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  for label, metrics in runs:
+    if not metrics.get('step_loss'):
+      raise ValueError(f'{label}: the metrics hold no step_loss (written '
+                       'by an older train.py)')
+    y = smoothed(metrics['step_loss'], smooth) / (math.log(2) if bits else 1)
+    ax.plot(np.arange(len(y)) + min(smooth, len(metrics['step_loss'])), y,
+            label=label, linewidth=1.2)
+  unit = 'bits' if bits else 'nats'
+  ax.set(xlabel='step', ylabel=f'batch loss before the step ({unit})'
+         + (f', mean of {smooth} steps' if smooth > 1 else ''))
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize='small')
+  if title is None and runs:
+    c = runs[0][1].get('config', {})
+    title = f'{c.get("dataset", "")} {c.get("model", "")}'.strip()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
   """Plots the metrics files named in ``argv``; returns their labels."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -99,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
   parser.add_argument('--labels', default=None,
                       help='comma-separated labels, one per file')
   parser.add_argument('--title', default=None)
+  parser.add_argument('--steps', action='store_true',
+                      help='the batch loss of every step instead')
+  parser.add_argument('--smooth', type=int, default=1,
+                      help='--steps: the mean of this many steps')
+  parser.add_argument('--bits', action='store_true',
+                      help='--steps: the loss in bits (over ln 2)')
   args = parser.parse_args(argv)
   try:
     runs = [load(p) for p in args.metrics]
@@ -110,7 +166,15 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
       parser.error(f'{len(names)} labels for {len(runs)} files')
   else:
     names = labels([r['config'] for r in runs])
-  plot(list(zip(names, runs, strict=True)), args.out, title=args.title)
+  pairs = list(zip(names, runs, strict=True))
+  if args.steps:
+    try:
+      plot_steps(pairs, args.out, title=args.title, smooth=args.smooth,
+                 bits=args.bits)
+    except ValueError as e:
+      parser.error(str(e))
+  else:
+    plot(pairs, args.out, title=args.title)
   print(f'wrote {args.out}')
   return names
 

@@ -25,13 +25,15 @@ cumulative seconds in update steps alone (no compilation, no evaluation)::
    "history": [{"epoch", "train_loss", "train_accuracy", "val_loss",
                 "val_accuracy", "test_loss", "test_accuracy", "seconds",
                 "train_examples_per_second", "skipped_steps",
-                "unconverged_solves"}, ...]}
+                "unconverged_solves"}, ...], "step_loss": [...]}
 
 (``initial``: the same before the first step; non-finite values are
-``null``; ``skipped_steps``: steps of the epoch that SIBP / ProxBP flagged
-as not finite and skipped, also shown in the progress bar, with a warning
-at the end of a run that had any; ``unconverged_solves``: layer solves of
-the epoch that ended unconverged, an iterative solver at its iteration
+``null``; ``step_loss``: the batch loss of every step so far, in order,
+each before its update, the curve between evaluations; ``skipped_steps``:
+steps of the epoch that SIBP / ProxBP flagged as not finite and skipped,
+also shown in the progress bar, with a warning at the end of a run that
+had any; ``unconverged_solves``: layer solves of the epoch that ended
+unconverged, an iterative solver at its iteration
 limit or a solve not finite). ``--checkpoint_dir DIR`` saves model
 and optimizer with orbax after every epoch; Ctrl-C saves after the step
 under way and exits with status 130 and the command that resumes;
@@ -183,15 +185,25 @@ def new_records(config: Config, sizes, device: str, initial: list[dict]):
   the metrics file's content (the record, or a sweep's list of them)."""
   if config.sweep is None:
     record = {'config': dataclasses.asdict(config), 'data': sizes,
-              'device': device, 'initial': initial[0], 'history': []}
+              'device': device, 'initial': initial[0], 'history': [],
+              'step_loss': []}
     return [record], record
   records = [{'config': dataclasses.asdict(dataclasses.replace(
                   config, learning_rate=lr, sweep=None)),
               'data': sizes, 'device': device, 'initial': entry,
-              'history': []}
+              'history': [], 'step_loss': []}
              for lr, entry in zip(config.sweep, initial)]
   return records, {'config': dataclasses.asdict(config), 'data': sizes,
                    'device': device, 'sweep': records}
+
+
+def record_step_loss(records, stats: dict[str, Any]) -> None:
+  """Appends each run's batch loss of the step (``None`` where not finite)
+  to its record's ``step_loss``; a checkpoint saves them with the record."""
+  losses = np.atleast_1d(np.asarray(stats['loss'], np.float64))
+  for record, loss in zip(records, losses, strict=True):
+    record.setdefault('step_loss', []).append(
+        float(loss) if math.isfinite(loss) else None)
 
 
 def record_epoch(config: Config, records, entries, at: Position) -> None:
@@ -351,6 +363,7 @@ def train_and_evaluate(config: Config | Mapping[str, Any]) -> dict[str, Any]:
           state, stats, seconds = steps.timed_step(
               step, state, xs[batches[i]], ys[batches[i]])
           at.add(stats, seconds)
+          record_step_loss(records, stats)
           steps_this_run += 1
           if steps_this_run == config.stop_after_steps:
             guard.requested = True  # as a Ctrl-C: stop before the next step

@@ -126,7 +126,7 @@ def _largest_buffer(fn, *args):
     sizes = [np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars
              if hasattr(v.aval, 'shape')]
     for eqn in jaxpr.eqns:
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         sizes.append(walk(sub))
     return max(sizes, default=0)
   return walk(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -627,7 +627,7 @@ def _jaxpr_size(blocks):
     n = 0
     for eqn in j.eqns:
       n += 1
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         n += count(sub)
     return n
   return count(jaxpr.jaxpr)

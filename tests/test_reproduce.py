@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip('sklearn')
@@ -93,3 +94,70 @@ def test_time_to_target_accuracy(tmp_path):
   assert table.splitlines()[2].endswith('| 2, 20 | 1 |')
   table, _ = reproduce.summarize([str(path)], target_accuracy=0.9)
   assert table.splitlines()[2].endswith('| – | 1 |')
+
+
+def test_selection_by_validation_loss(tmp_path):
+  """The lowest final validation loss picks the rate; a NaN one never."""
+  paths = [_metrics(tmp_path / f'sgd_lr{lr:g}_seed0.json', lr, loss)
+           for lr, loss in ((0.1, 0.5), (1.0, 0.3), (3.0, 0.2))]
+  for path, val_loss in zip(paths, (0.6, 0.7, None)):
+    with open(path) as f:
+      metrics = json.load(f)
+    metrics['history'][-1]['val_loss'] = val_loss
+    with open(path, 'w') as f:
+      json.dump(metrics, f)
+  assert reproduce.summarize(paths)[1]['sgd']['lr'] == 3.0
+  assert reproduce.summarize(paths, 'val_loss')[1]['sgd']['lr'] == 0.1
+
+
+def test_every_run_table_reads_the_step_losses(tmp_path):
+  """Bits are the loss over ln 2; the last window's mean against the
+  lowest one (and the step it ends at) tells a loss that turned back up."""
+  ln2 = math.log(2)
+  path = tmp_path / 'sibp_lambda10_lr0.3_seed0.json'
+  # Batch losses (in bits) 5, 4, 3, 2, 3, 4: lowest 2-step mean 2.5 at
+  # step 4 or 5, the last one 3.5.
+  entry = {'train_loss': 2.0 * ln2, 'val_loss': 2.5 * ln2,
+           'test_accuracy': 0.5, 'seconds': 1.0, 'skipped_steps': 1}
+  path.write_text(json.dumps({
+      'config': {'learning_rate': 0.3, 'seed': 0},
+      'history': [entry],
+      'step_loss': [v * ln2 for v in (5, 4, 3, 2, 3, 4)]}))
+  table = reproduce.every_run([str(path)], window=2)
+  assert table.splitlines()[0].startswith('| method | learning rate |')
+  assert table.splitlines()[2] == (
+      '| sibp_lambda10 | 0.3 | 0 | 2.500 | 2.000 | 3.500 | 2.500 (4) | 1 |')
+  # A run without per-step losses (an older file) shows dashes there.
+  path.write_text(json.dumps({'config': {'learning_rate': 0.3},
+                              'history': [{**entry, 'val_loss': None}]}))
+  assert reproduce.every_run([str(path)]).splitlines()[2] == (
+      '| sibp_lambda10 | 0.3 | 0 | – | 2.000 | – | – | 1 |')
+
+
+def test_char_lm_fortunes_setting_on_a_text_file(tmp_path):
+  """--text_file reaches every run; the preset's lambda reaches SIBP."""
+  rng = np.random.default_rng(0)
+  words = ['the ', 'cat ', 'sat ', 'on ', 'a mat\n']
+  text = ''.join(words[i] for i in rng.integers(0, len(words), 900))
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(text, encoding='utf-8')
+  out = tmp_path / 'runs'
+  argv = ['--setting', 'char_lm_fortunes', '--dataset', 'text_file',
+          '--text_file', str(corpus), '--out_dir', str(out), '--seeds', '0',
+          '--train_examples', '32', '--methods', 'sibp_lambda10',
+          '--middle_rate_only', '--select', 'val_loss', '--every_run']
+  reproduce.main(argv)
+  rates = reproduce.config_lib.PRESETS['char_lm_fortunes']['methods'][
+      'sibp_lambda10'][2]
+  lr = rates[len(rates) // 2]
+  metrics = json.loads((out / f'sibp_lambda10_lr{lr:g}_seed0.json')
+                       .read_text())
+  config = metrics['config']
+  assert (config['text_file'], config['lambda_w'], config['lambda_b'],
+          config['batch_size'], config['seq_len']) == (str(corpus), 10.0,
+                                                       10.0, 32, 64)
+  assert metrics['data']['steps_per_epoch'] == 1
+  assert len(metrics['step_loss']) == 1
+  runs = (out / 'runs.md').read_text().splitlines()
+  assert len(runs) == 3
+  assert runs[2].startswith(f'| sibp_lambda10 | {lr:g} | 0 |')

@@ -32,6 +32,7 @@ import config as config_lib
 import input_pipeline
 import models
 import optimizers
+import steps
 import train
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / 'examples'
@@ -365,3 +366,54 @@ def test_warmup_cosine_schedule_rises_from_zero_then_decays():
   assert sizes[:3] == pytest.approx([0.0, 0.5, 1.0])
   assert sizes[3] < 1.0 and sizes[40] == pytest.approx(0.0, abs=1e-6)
   assert all(a >= b for a, b in zip(sizes[2:], sizes[3:]))
+
+
+def test_step_loss_is_every_batch_loss_before_its_update(tmp_path):
+  """``step_loss``: one per step, in order, the first the initial model's
+  loss on the first batch; a sweep keeps one list per rate; a run
+  interrupted mid-epoch and resumed has the uninterrupted run's list."""
+  settings = {**TINY, 'optimizer': 'sgd', 'epochs': 2}
+  metrics = train.train_and_evaluate(settings)
+  losses = metrics['step_loss']
+  assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+  data = input_pipeline.load('mnist', mock_data=24, train_examples=8)
+  model = models.create_model('paper_mlp', data.input_shape, data.classes)
+  first = steps.epoch_batches(8, 4, 0, 0)[0]
+  want = jnp.mean(steps.LOSS(model(jnp.asarray(data.x_train[first])),
+                             jnp.asarray(data.y_train[first])))
+  assert losses[0] == pytest.approx(float(want), rel=1e-5)
+  # Interrupted after step 3 (epoch 2, step 1), then resumed.
+  ck = {**settings, 'checkpoint_dir': str(tmp_path / 'ck')}
+  with pytest.raises(train.Interrupted):
+    train.train_and_evaluate({**ck, 'stop_after_steps': 3})
+  resumed = train.train_and_evaluate({**ck, 'resume': True})
+  assert resumed['step_loss'] == losses
+  sweep = train.train_and_evaluate({**settings, 'learning_rate': None,
+                                    'sweep': (0.1, 0.01)})
+  runs = [r['step_loss'] for r in sweep['sweep']]
+  assert [len(r) for r in runs] == [4, 4]
+  assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)  # one batch
+  assert runs[0] == pytest.approx(losses, rel=1e-4)
+  assert runs[0][-1] != runs[1][-1]
+
+
+def test_compare_draws_the_step_losses(tmp_path):
+  assert compare.smoothed([1.0, 2.0, 3.0, None, 5.0], 2).tolist()[:2] == [
+      1.5, 2.5]
+  assert compare.smoothed([1.0, 2.0], 5).tolist() == [1.0, 2.0]
+  paths = []
+  for i, losses in enumerate(([4.0, 3.5, 3.0, 2.9], [4.0, 3.0, None, 2.0])):
+    path = tmp_path / f'{i}.json'
+    path.write_text(json.dumps({
+        'config': {'optimizer': 'sibp', 'learning_rate': 0.1 * (i + 1)},
+        'history': [], 'step_loss': losses}))
+    paths.append(str(path))
+  out = tmp_path / 'steps.png'
+  compare.main([*paths, '--steps', '--bits', '--smooth', '2', '--out',
+                str(out)])
+  assert out.stat().st_size > 0
+  old = tmp_path / 'old.json'
+  old.write_text(json.dumps({'config': {'optimizer': 'sgd'},
+                             'history': []}))
+  with pytest.raises(SystemExit):
+    compare.main([str(old), '--steps', '--out', str(tmp_path / 'x.png')])

@@ -262,7 +262,8 @@ class LinenLM(nn.Module):
     h = nn.Embed(V, D, name='tokens', param_dtype=jnp.float64)(ids)
     h = h + nn.Embed(T, D, name='pos', param_dtype=jnp.float64)(
         jnp.arange(length))
-    h = h + nn.SelfAttention(2, param_dtype=jnp.float64, name='attention')(
+    h = h + nn.MultiHeadDotProductAttention(
+        2, param_dtype=jnp.float64, name='attention')(
         nn.LayerNorm(param_dtype=jnp.float64)(h),
         mask=nn.make_causal_mask(ids))
     return nn.Dense(V, name='head', param_dtype=jnp.float64)(h)
@@ -485,7 +486,7 @@ class MaskedLinenLM(nn.Module):
   @nn.compact
   def __call__(self, ids, mask):
     h = nn.Embed(V, D, name='tokens')(ids)
-    h = h + nn.SelfAttention(2, name='attention')(h, mask=mask)
+    h = h + nn.MultiHeadDotProductAttention(2, name='attention')(h, mask=mask)
     return nn.Dense(V, name='head')(h)
 
 
