@@ -51,6 +51,7 @@ if _UNOPTIMISED and _EMITTERS not in os.environ.get('XLA_FLAGS', ''):
       filter(None, [os.environ.get('XLA_FLAGS'), f'{_EMITTERS}=false']))
 
 import jax  # noqa: E402  (after the variables, which jax reads on import)
+import pytest  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', os.environ[_VARIABLE])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -75,3 +76,12 @@ def pytest_unconfigure(config):
   del config
   if _made is not None and os.environ.get(_VARIABLE) == _made:
     shutil.rmtree(_made, ignore_errors=True)
+
+
+@pytest.fixture
+def x64():
+  """float64 for one test (``pytest.mark.usefixtures('x64')``)."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', previous)

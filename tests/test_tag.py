@@ -20,14 +20,6 @@ from _models import MLP
 from _models import xent
 
 
-@pytest.fixture
-def x64():
-  previous = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', previous)
-
-
 def _data(batch=12, d=6, classes=3, seed=0):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.normal(size=(batch, d))),

@@ -31,14 +31,6 @@ from _models import xent
 V, T, D = 11, 6, 8
 
 
-@pytest.fixture
-def x64():
-  previous = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', previous)
-
-
 class LM(nnx.Module):
   """A one-block causal decoder: token and position embeddings, attention,
   an MLP, LayerNorm, and an untied or tied (``Embed.attend``) head.
